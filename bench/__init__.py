@@ -1,0 +1,1 @@
+"""litefocus.bench: latency and memory benchmarks, recorded as JSON rows under bench/results/."""

@@ -1,0 +1,192 @@
+"""Attention-only benchmark: full SDPA vs static LiteFocus at the real shapes of the patched level.
+
+    python -m litefocus.bench.attention --seconds 10 20 40 80 160
+
+Shapes: B=2 (classifier-free guidance), H=8, D=32, F=8 (AudioLDM2's 256-channel level), N = T x 8
+with T the level's time frames for that audio length, S = floor(0.1 N). Times the attention call
+alone (q, k, v given), with warm-up, repeats and medians (CUDA events on a GPU), and writes JSON rows
+to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from litefocus import LiteFocusConfig, litefocus_attention
+from litefocus.geometry import latent_frames, level_frames
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Per-call wall times in ms after ``warmup`` untimed calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def bench_one(
+    seconds: float,
+    *,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    freq_bins: int,
+    ratio: float,
+    dtype: torch.dtype,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    seed: int,
+) -> list[dict]:
+    t_level = level_frames(latent_frames(seconds), 1)
+    n = t_level * freq_bins
+    s = LiteFocusConfig(sparse_ratio=ratio).num_global(n)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g).to(device, dtype) for _ in range(3))
+    idx = torch.randperm(n, generator=g)[:s].to(device)
+    methods = {
+        "full_sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+        "litefocus": lambda: litefocus_attention(q, k, v, freq_bins, idx),
+    }
+    rows = []
+    with torch.inference_mode():
+        for method, fn in methods.items():
+            times = time_ms(fn, device, warmup, repeats)
+            rows.append(
+                {
+                    "method": method,
+                    "seconds": seconds,
+                    "T": t_level,
+                    "F": freq_bins,
+                    "N": n,
+                    "S": s,
+                    "B": batch,
+                    "H": heads,
+                    "D": head_dim,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms_p50": statistics.median(times),
+                    "ms_p10": quantile(times, 0.1),
+                    "ms_p90": quantile(times, 0.9),
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    # attention FLOPs (QK^T and PV, 2 flops per MAC): N x keys-per-query x D x 4 per head
+                    "gflop": 4
+                    * batch
+                    * heads
+                    * n
+                    * (n if method == "full_sdpa" else t_level + s)
+                    * head_dim
+                    / 1e9,
+                }
+            )
+    rows[1]["speedup_vs_full"] = rows[0]["ms_p50"] / rows[1]["ms_p50"]
+    return rows
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, nargs="+", default=[10, 20, 40, 80, 160])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    for s in args.seconds:
+        if not s > 0 or s > 600:
+            p.error(f"--seconds values must be in (0, 600], got {s}")
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+
+    rows = []
+    for seconds in tqdm(args.seconds, desc="attention bench", disable=args.quiet):
+        rows += bench_one(
+            seconds,
+            batch=2,
+            heads=8,
+            head_dim=32,
+            freq_bins=8,
+            ratio=0.1,
+            dtype=dtype,
+            device=device,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            seed=0,
+        )
+        logger.info(
+            "%6.1f s  N=%5d  full %8.1f ms  litefocus %7.1f ms  %.2fx",
+            seconds,
+            rows[-1]["N"],
+            rows[-2]["ms_p50"],
+            rows[-1]["ms_p50"],
+            rows[-1]["speedup_vs_full"],
+        )
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    record = {
+        "benchmark": "attention",
+        "created": stamp,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "rows": [{"device": device_name(device), **r} for r in rows],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"attention-{device.type}-{stamp}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+    logger.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""litefocus.export: static per-bucket ONNX / TensorRT export of a LiteFocus UNet (issue 3)."""

@@ -1,0 +1,178 @@
+"""LiteFocus attention in its static, exportable form, and its float64 reference twin.
+
+Token n of a [T, F] grid is ``n = t * F + f`` (time-major). Query n attends, in one softmax, to
+    * the T keys of its own frequency bin f (same-frequency focusing), and
+    * the S keys ``global_idx`` shared by every query (cross-frequency compensation).
+
+Static form: fold F into the head axis so the whole layer is ONE dense attention over
+[B, H*F, T + S, D] (reshape -> gather -> expand -> concat -> SDPA -> inverse reshape). No masks and
+no data-dependent shapes, so it traces, exports to ONNX and hits the fused SDPA kernels. The fold
+must be contiguous 4-D: a 5-D / strided input drops SDPA to its math path and loses the gain.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def is_tracing() -> bool:
+    """True while torch.jit / ONNX / dynamo trace us: value checks (``.item()``) are skipped then."""
+    return (
+        torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    )
+
+
+def _check_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    freq_bins: int,
+    global_idx: torch.Tensor | None,
+    same_frequency: bool,
+) -> torch.Tensor | None:
+    """Validate the public arguments; return ``global_idx`` as a 1-D tensor on k's device, or None."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"litefocus_attention: {name} must be a 4-D tensor [B, H, N, D], got {shape}")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            f"litefocus_attention: q, k, v must have the same shape [B, H, N, D] (self-attention), got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"litefocus_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if isinstance(freq_bins, bool) or not isinstance(freq_bins, int) or freq_bins < 1:
+        raise ValueError(f"litefocus_attention: freq_bins must be a positive int, got {freq_bins!r}")
+    n = q.shape[2]
+    if n % freq_bins != 0:
+        raise ValueError(
+            f"litefocus_attention: N = {n} tokens is not a multiple of freq_bins = {freq_bins}; "
+            "tokens must form a time-major [T, freq_bins] grid"
+        )
+    if global_idx is not None:
+        if not isinstance(global_idx, torch.Tensor) or global_idx.dim() != 1:
+            got = (
+                tuple(global_idx.shape) if isinstance(global_idx, torch.Tensor) else type(global_idx).__name__
+            )
+            raise ValueError(
+                f"litefocus_attention: global_idx must be a 1-D int tensor [S] or None, got {got}"
+            )
+        if global_idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"litefocus_attention: global_idx must be int32 or int64, got {global_idx.dtype}"
+            )
+        if global_idx.numel() == 0:
+            global_idx = None
+        elif not is_tracing():
+            lo, hi = int(global_idx.min()), int(global_idx.max())
+            if lo < 0 or hi >= n:
+                raise ValueError(
+                    f"litefocus_attention: global_idx holds {lo if lo < 0 else hi}, outside [0, N = {n}); "
+                    "indices address flattened tokens t * freq_bins + f"
+                )
+    if not same_frequency and global_idx is None:
+        raise ValueError(
+            "litefocus_attention: same_frequency=False and no global_idx leaves a query nothing to attend "
+            "to; pass global indices or keep same_frequency=True"
+        )
+    return None if global_idx is None else global_idx.to(k.device)
+
+
+def focus_attention_grid(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    freq_bins: int,
+    global_idx: torch.Tensor | None,
+    same_frequency: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """The static computation, unchecked. Returns a [B, H, T, F, D] view (possibly strided).
+
+    Callers pick their own final layout from it with a single copy.
+    """
+    b, h, n, d = q.shape
+    fb = freq_bins
+    t = n // fb
+    if not same_frequency:
+        # Every query shares the same S keys: plain attention, no fold needed.
+        k_g, v_g = k.index_select(2, global_idx), v.index_select(2, global_idx)  # [B, H, S, D]
+        out = F.scaled_dot_product_attention(q, k_g, v_g, scale=scale)  # [B, H, N, D]
+        return out.view(b, h, t, fb, d)
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, H*F, T, D], contiguous
+        return x.reshape(b, h, t, fb, d).transpose(2, 3).reshape(b, h * fb, t, d)
+
+    q_f, k_f, v_f = fold(q), fold(k), fold(v)
+    if global_idx is not None:
+        s = global_idx.shape[0]
+
+        def shared(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, H*F, S, D]
+            x_g = x.index_select(2, global_idx)  # [B, H, S, D]
+            return x_g.unsqueeze(2).expand(b, h, fb, s, d).reshape(b, h * fb, s, d)
+
+        k_f = torch.cat([k_f, shared(k)], dim=2)  # [B, H*F, T+S, D]
+        v_f = torch.cat([v_f, shared(v)], dim=2)
+    out = F.scaled_dot_product_attention(q_f, k_f, v_f, scale=scale)  # [B, H*F, T, D]
+    return out.view(b, h, fb, t, d).transpose(2, 3)  # [B, H, T, F, D] (strided view)
+
+
+def litefocus_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    freq_bins: int,
+    global_idx: torch.Tensor | None = None,
+    *,
+    same_frequency: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """LiteFocus attention, static form.
+
+    q, k, v: [B, H, N, D] with token n = t * freq_bins + f; global_idx: int tensor [S] or None
+    (None or empty: no cross-frequency part). Returns [B, H, N, D]: one softmax over
+    concat(same-frequency keys, keys[global_idx]); a key in both sets counts twice.
+    ``scale`` defaults to D ** -0.5.
+    """
+    global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
+    b, h, n, d = q.shape
+    return focus_attention_grid(q, k, v, freq_bins, global_idx, same_frequency, scale).reshape(b, h, n, d)
+
+
+def reference_litefocus_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    freq_bins: int,
+    global_idx: torch.Tensor | None = None,
+    *,
+    same_frequency: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Slow, obviously-correct twin: explicit float64 logits over each query's focus set.
+
+    Same-frequency keys come from the full N x N logits with every other bin masked to -inf; the
+    shared keys are appended as extra columns; one softmax over the concatenation. O(N^2) memory:
+    for tests only.
+    """
+    global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
+    n, d = q.shape[2], q.shape[3]
+    scale = d**-0.5 if scale is None else scale
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    logits = (q64 @ k64.transpose(-1, -2)) * scale  # [B, H, N, N]
+    parts_logits, parts_values = [], []
+    if same_frequency:
+        f = torch.arange(n, device=q.device) % freq_bins
+        same_bin = f[:, None] == f[None, :]  # [N, N]
+        parts_logits.append(logits.masked_fill(~same_bin, float("-inf")))
+        parts_values.append(v64)
+    if global_idx is not None:
+        parts_logits.append(logits[..., global_idx])  # [B, H, N, S]
+        parts_values.append(v64[:, :, global_idx])  # [B, H, S, D]
+    weights = torch.softmax(torch.cat(parts_logits, dim=-1), dim=-1)
+    return (weights @ torch.cat(parts_values, dim=2)).to(q.dtype)
