@@ -48,9 +48,13 @@ class Bucket:
 
     def __post_init__(self) -> None:
         if self.frames < FRAME_MULTIPLE or self.frames % FRAME_MULTIPLE:
-            raise ValueError(f"Bucket.frames must be a positive multiple of {FRAME_MULTIPLE}, got {self.frames}")
+            raise ValueError(
+                f"Bucket.frames must be a positive multiple of {FRAME_MULTIPLE}, got {self.frames}"
+            )
         if self.seconds > self.exact_seconds + 1e-9:
-            raise ValueError(f"Bucket of {self.frames} frames holds {self.exact_seconds} s < {self.seconds} s")
+            raise ValueError(
+                f"Bucket of {self.frames} frames holds {self.exact_seconds} s < {self.seconds} s"
+            )
 
     @property
     def name(self) -> str:

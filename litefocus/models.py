@@ -1,7 +1,9 @@
-"""Load an AudioLDM2 UNet from a hub id or a local diffusers directory, or build a seeded random one.
+"""Load AudioLDM2 components from a hub id or a local diffusers directory, or build seeded random ones.
 
-``random_unet`` builds the real architecture from the configs shipped in ``litefocus/configs``
-(no hub access needed): latency does not depend on weight values.
+``random_unet`` / ``random_vae`` / ``random_vocoder`` build the real architectures from the configs
+shipped in ``litefocus/configs`` (no hub access needed): latency does not depend on weight values.
+``load_unet`` / ``load_vae`` / ``load_vocoder`` read the ``unet/``, ``vae/`` and ``vocoder/``
+subfolders of an AudioLDM2 pipeline directory (or that subfolder itself, or a hub id).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,12 +30,40 @@ PRESETS = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+@dataclass(frozen=True)
+class _Component:
+    """One pipeline component: where it lives in a pipeline directory and which class loads it."""
+
+    label: str  # for messages
+    subfolder: str
+    class_name: str
+    library: str  # "diffusers" or "transformers"
+    random_fn: str
+
+    def model_class(self):
+        import importlib
+
+        return getattr(importlib.import_module(self.library), self.class_name)
+
+    def from_pretrained(self, source, dtype: torch.dtype, **kwargs):
+        dtype_key = "torch_dtype" if self.library == "diffusers" else "dtype"
+        return self.model_class().from_pretrained(source, **{dtype_key: dtype}, **kwargs)
+
+
+UNET = _Component("UNet", "unet", UNET_CLASS_NAME, "diffusers", "random_unet")
+VAE = _Component("VAE", "vae", "AutoencoderKL", "diffusers", "random_vae")
+VOCODER = _Component("vocoder", "vocoder", "SpeechT5HifiGan", "transformers", "random_vocoder")
+
+
+def _shipped_config(filename: str) -> dict:
+    return json.loads(resources.files("litefocus").joinpath("configs", filename).read_text())
+
+
 def preset_config(preset: str) -> dict:
     """The diffusers UNet config of a preset, as shipped in the package."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    text = resources.files("litefocus").joinpath("configs", PRESETS[preset]).read_text()
-    return json.loads(text)
+    return _shipped_config(PRESETS[preset])
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -39,6 +71,25 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cpu" if device is None else device)
     except RuntimeError as e:
         raise ValueError(f"invalid device {device!r}: {e}") from None
+
+
+def _seeded(build: Callable[[], torch.nn.Module], seed: int, dtype: torch.dtype, device) -> torch.nn.Module:
+    """``build()`` with the torch RNG seeded by ``seed`` (the global RNG is restored afterwards).
+
+    On ``device="meta"`` no weights are allocated (for structure checks).
+    """
+    device = _resolve_device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if device.type == "meta":
+            with torch.device("meta"):
+                model = build()
+        else:
+            model = build()
+    model = model.to(device)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
 
 
 def random_unet(
@@ -53,51 +104,57 @@ def random_unet(
     ``device="meta"`` builds it without allocating weights (for structure checks). The global torch
     RNG is left as it was.
     """
-    from diffusers import AudioLDM2UNet2DConditionModel
-
     config = preset_config(preset)
-    device = _resolve_device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if device.type == "meta":
-            with torch.device("meta"):
-                unet = AudioLDM2UNet2DConditionModel.from_config(config)
-        else:
-            unet = AudioLDM2UNet2DConditionModel.from_config(config)
-    unet = unet.to(device)
-    if dtype != torch.float32:
-        unet = unet.to(dtype)
-    return unet.eval()
+    return _seeded(lambda: UNET.model_class().from_config(config), seed, dtype, device)
 
 
-def _unet_dir(path: Path) -> Path:
-    """The folder holding the UNet's config.json: ``path`` itself or its ``unet/`` subfolder."""
-    for candidate in (path / "unet", path):
+def random_vae(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """The AudioLDM2 VAE (diffusers AutoencoderKL, 55.4M parameters; ``scaling_factor`` from its
+    config) with weights drawn from ``seed``; like ``random_unet`` otherwise."""
+    config = _shipped_config("vae.json")
+    return _seeded(lambda: VAE.model_class().from_config(config), seed, dtype, device)
+
+
+def random_vocoder(
+    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """The AudioLDM2 vocoder (transformers SpeechT5HifiGan, 55.3M parameters) with weights drawn from
+    ``seed``; like ``random_unet`` otherwise."""
+    from transformers import SpeechT5HifiGanConfig
+
+    config = {k: v for k, v in _shipped_config("vocoder.json").items() if not k.startswith("_")}
+    return _seeded(lambda: VOCODER.model_class()(SpeechT5HifiGanConfig(**config)), seed, dtype, device)
+
+
+def component_dir(path: Path, component: _Component) -> Path:
+    """The folder holding the component's config.json: ``path``'s subfolder or ``path`` itself."""
+    for candidate in (path / component.subfolder, path):
         cfg = candidate / "config.json"
         if cfg.is_file():
             try:
-                class_name = json.loads(cfg.read_text()).get("_class_name")
+                config = json.loads(cfg.read_text())
+                # diffusers configs name the class in _class_name, transformers configs in architectures
+                class_name = config.get("_class_name") or (config.get("architectures") or [None])[0]
             except (json.JSONDecodeError, AttributeError) as e:
-                raise ValueError(f"{cfg} is not a valid diffusers config ({e})") from None
-            if class_name != UNET_CLASS_NAME:
+                raise ValueError(f"{cfg} is not a valid model config ({e})") from None
+            if class_name != component.class_name:
+                article = "an" if component.class_name[0] in "AEIOU" else "a"
                 raise ValueError(
-                    f"{cfg} describes a {class_name!r}, not an {UNET_CLASS_NAME}; pass an AudioLDM2 "
-                    "pipeline directory or its unet/ folder"
+                    f"{cfg} describes a {class_name!r}, not {article} {component.class_name}; pass an AudioLDM2 "
+                    f"pipeline directory or its {component.subfolder}/ folder"
                 )
             return candidate
     raise ValueError(
-        f"{path} is not an AudioLDM2 diffusers directory: no config.json in it or in {path / 'unet'}; "
-        "pass a pipeline directory (saved with save_pretrained), its unet/ folder, or a hub id such as "
-        "cvssp/audioldm2"
+        f"{path} is not an AudioLDM2 diffusers directory: no config.json in it or in "
+        f"{path / component.subfolder}; pass a pipeline directory (saved with save_pretrained), its "
+        f"{component.subfolder}/ folder, or a hub id such as cvssp/audioldm2"
     )
 
 
-def load_unet(
-    source: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
-):
-    """Load an AudioLDM2 UNet from a local diffusers directory or a hub id (``cvssp/audioldm2``)."""
-    from diffusers import AudioLDM2UNet2DConditionModel
-
+def _load(component: _Component, source: str | Path, dtype: torch.dtype, device) -> torch.nn.Module:
+    """``component`` from a local pipeline directory (or its subfolder) or a hub id; one clear error."""
     device = _resolve_device(device)
     path = Path(str(source)).expanduser()
     if path.exists():
@@ -105,24 +162,44 @@ def load_unet(
             raise ValueError(
                 f"model source {str(source)!r} is a file; pass a diffusers directory or a hub id"
             )
-        folder = _unet_dir(path)
-        unet = AudioLDM2UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype)
-        return unet.to(device).eval()
+        model = component.from_pretrained(component_dir(path, component), dtype)
+        return model.to(device).eval()
     if not _HUB_ID.match(str(source)):
         raise ValueError(
             f"model source {str(source)!r} does not exist; pass an existing AudioLDM2 diffusers directory "
             "or a hub id such as cvssp/audioldm2"
         )
-    logger.info("loading UNet of %s from the Hugging Face hub", source)
+    logger.info("loading %s of %s from the Hugging Face hub", component.label, source)
     try:
-        unet = AudioLDM2UNet2DConditionModel.from_pretrained(str(source), subfolder="unet", torch_dtype=dtype)
+        model = component.from_pretrained(str(source), dtype, subfolder=component.subfolder)
     except Exception as e:  # hub errors come as OSError, HTTP and offline errors of several kinds
         raise RuntimeError(
-            f"could not load the UNet of {str(source)!r} from the Hugging Face hub: the hub is not reachable "
-            f"(or offline mode is on), or it holds no AudioLDM2 pipeline of that name ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); download the model and pass its local directory, "
-            "or use random weights (litefocus.models.random_unet)"
+            f"could not load the {component.label} of {str(source)!r} from the Hugging Face hub: the hub is not "
+            f"reachable (or offline mode is on), or it holds no AudioLDM2 pipeline of that name "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download the model and pass "
+            f"its local directory, or use random weights (litefocus.models.{component.random_fn})"
         ) from None
-    if type(unet).__name__ != UNET_CLASS_NAME:  # pragma: no cover - from_pretrained returns cls
-        raise ValueError(f"{source} did not load as an {UNET_CLASS_NAME}")
-    return unet.to(device).eval()
+    if type(model).__name__ != component.class_name:  # pragma: no cover - from_pretrained returns cls
+        raise ValueError(f"{source} did not load as {component.class_name}")
+    return model.to(device).eval()
+
+
+def load_unet(
+    source: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """Load an AudioLDM2 UNet from a local diffusers directory or a hub id (``cvssp/audioldm2``)."""
+    return _load(UNET, source, dtype, device)
+
+
+def load_vae(
+    source: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """Load the AudioLDM2 VAE (``vae/`` of a pipeline directory, that folder itself, or a hub id)."""
+    return _load(VAE, source, dtype, device)
+
+
+def load_vocoder(
+    source: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """Load the AudioLDM2 vocoder (``vocoder/`` of a pipeline directory, that folder, or a hub id)."""
+    return _load(VOCODER, source, dtype, device)

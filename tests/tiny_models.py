@@ -48,3 +48,52 @@ def tiny_unet_inputs(batch: int = 2, frames: int = 24, seed: int = 1, text_len: 
         "encoder_hidden_states_1": torch.randn(batch, text_len, T5_DIM, generator=g),
         "encoder_attention_mask_1": mask,
     }
+
+
+# AudioLDM2's VAE structure (1-channel mel in/out, 8 latent channels, 3 levels: 64 mel bins -> 16
+# latent bins, 4 mel frames per latent frame) with tiny widths. The scaling factor differs from the
+# real 0.411 so that a hard-coded value would show up.
+TINY_VAE_CONFIG = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [8, 16, 16],
+    "latent_channels": 8,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+    "scaling_factor": 0.37,
+}
+# AudioLDM2's vocoder structure (64 mel bins, 16 kHz, the real upsample rates and kernels: 160
+# samples per mel frame, plus the real 32-sample overhang) with tiny channels (32 -> 1). Weights are
+# drawn wider than transformers' default (0.01) so the waveform is audible (RMS ~0.04) rather than ~1e-10.
+TINY_VOCODER_CONFIG = {
+    "model_in_dim": 64,
+    "sampling_rate": 16000,
+    "upsample_initial_channel": 32,
+    "upsample_rates": [5, 4, 2, 2, 2],
+    "upsample_kernel_sizes": [16, 16, 8, 4, 4],
+    "resblock_kernel_sizes": [3, 7],
+    "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]],
+    "normalize_before": False,
+    "initializer_range": 0.15,
+}
+
+
+def make_tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    return vae.eval()
+
+
+def make_tiny_vocoder(seed: int = 0):
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(**TINY_VOCODER_CONFIG))
+    return vocoder.eval()

@@ -1,0 +1,290 @@
+"""Graph audit: what a static, TensorRT-ready LiteFocus engine must satisfy.
+
+After ``onnx.checker`` and shape inference the audit fails the export if
+  * any tensor dimension is symbolic or unknown (engines are one static shape per bucket),
+  * any op is random or has a data-dependent output shape,
+  * any op is outside the TensorRT ONNX parser's supported-operator list,
+  * the attention at the LiteFocus level is not sparse: each attention softmax there must have
+    key length T_level + S, and none may have the full N x N shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+logger = logging.getLogger(__name__)
+
+# Supported operators of the TensorRT ONNX parser, from onnx/onnx-tensorrt docs/operators.md for
+# TensorRT 10.0 (opset 9-20), commit 96e78110 (2024-06-17). Update together with TRT_OPS_SOURCE.
+TRT_OPS_SOURCE = "TensorRT 10.0 ONNX parser (onnx-tensorrt docs/operators.md @ 96e78110)"
+TRT_SUPPORTED_OPS = frozenset(
+    [
+        "Abs",
+        "Acos",
+        "Acosh",
+        "Add",
+        "And",
+        "ArgMax",
+        "ArgMin",
+        "Asin",
+        "Asinh",
+        "Atan",
+        "Atanh",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "CastLike",
+        "Ceil",
+        "Celu",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "ConvTranspose",
+        "Cos",
+        "Cosh",
+        "CumSum",
+        "DeformConv",
+        "DepthToSpace",
+        "DequantizeLinear",
+        "Div",
+        "Dropout",
+        "Einsum",
+        "Elu",
+        "Equal",
+        "Erf",
+        "Exp",
+        "Expand",
+        "EyeLike",
+        "Flatten",
+        "Floor",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Gelu",
+        "Gemm",
+        "GlobalAveragePool",
+        "GlobalLpPool",
+        "GlobalMaxPool",
+        "Greater",
+        "GreaterOrEqual",
+        "GridSample",
+        "GroupNormalization",
+        "GRU",
+        "HardSigmoid",
+        "HardSwish",
+        "Hardmax",
+        "Identity",
+        "If",
+        "ImageScaler",
+        "InstanceNormalization",
+        "IsInf",
+        "IsNaN",
+        "LayerNormalization",
+        "LeakyRelu",
+        "Less",
+        "LessOrEqual",
+        "Log",
+        "LogSoftmax",
+        "Loop",
+        "LRN",
+        "LSTM",
+        "LpNormalization",
+        "LpPool",
+        "MatMul",
+        "Max",
+        "MaxPool",
+        "Mean",
+        "MeanVarianceNormalization",
+        "Min",
+        "Mish",
+        "Mod",
+        "Mul",
+        "Neg",
+        "NonMaxSuppression",
+        "NonZero",
+        "Not",
+        "OneHot",
+        "Or",
+        "Pad",
+        "ParametricSoftplus",
+        "Pow",
+        "PRelu",
+        "QuantizeLinear",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Range",
+        "Reciprocal",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "Relu",
+        "Reshape",
+        "Resize",
+        "ReverseSequence",
+        "RNN",
+        "RoiAlign",
+        "Round",
+        "ScaledTanh",
+        "Scan",
+        "Scatter",
+        "ScatterElements",
+        "ScatterND",
+        "Selu",
+        "Shape",
+        "Shrink",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Sinh",
+        "Size",
+        "Slice",
+        "Softmax",
+        "Softplus",
+        "Softsign",
+        "SpaceToDepth",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Tan",
+        "Tanh",
+        "ThresholdedRelu",
+        "Tile",
+        "TopK",
+        "Transpose",
+        "Trilu",
+        "Unsqueeze",
+        "Upsample",
+        "Where",
+        "Xor",
+    ]
+)
+RANDOM_OPS = frozenset(
+    {"RandomUniform", "RandomNormal", "RandomUniformLike", "RandomNormalLike", "Multinomial", "Bernoulli"}
+)
+DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression", "Loop", "If", "Scan"})
+
+
+class AuditError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class AttentionExpectation:
+    """``layers`` attention softmaxes of shape [.., query_len, key_len] at one UNet level.
+
+    ``forbid_len``: N of a LiteFocus level; no N x N (full) attention may remain there.
+    """
+
+    query_len: int
+    key_len: int
+    layers: int
+    forbid_len: int | None = None
+
+
+@dataclass
+class AuditReport:
+    ops: dict[str, int] = field(default_factory=dict)
+    nodes: int = 0
+    attention_shapes: dict[str, int] = field(default_factory=dict)  # "q x k" -> count of softmaxes
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": self.nodes,
+            "ops": self.ops,
+            "attention_softmax_shapes": self.attention_shapes,
+            "trt_ops_source": TRT_OPS_SOURCE,
+        }
+
+
+def _static_dims(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """The tensor's dims if all static, else None."""
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    dims = []
+    for d in t.shape.dim:
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            return None
+        dims.append(d.dim_value)
+    return tuple(dims)
+
+
+def inspect_graph(onnx_path: Path) -> tuple[onnx.ModelProto, AuditReport]:
+    """checker + shape inference (with data propagation); the inferred graph (no weights) and a report."""
+    onnx_path = Path(onnx_path)
+    try:
+        onnx.checker.check_model(str(onnx_path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise AuditError(f"{onnx_path.name}: onnx.checker failed: {str(e).splitlines()[0]}") from None
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    report = AuditReport(nodes=len(inferred.graph.node))
+    report.ops = dict(sorted(Counter(n.op_type for n in inferred.graph.node).items()))
+    return inferred, report
+
+
+def audit_graph(onnx_path: Path, attention: tuple[AttentionExpectation, ...] = ()) -> AuditReport:
+    """Run every check; raise AuditError listing all problems, or return the report."""
+    model, report = inspect_graph(onnx_path)
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    values = [*graph.input, *graph.output, *graph.value_info]
+    known = {vi.name: vi for vi in values}
+    dynamic = [vi.name for vi in values if vi.name not in initializers and _static_dims(vi) is None]
+    # every node output must have a static shape, including those inference could not type at all
+    untyped = [o for n in graph.node for o in n.output if o and o not in known and o not in initializers]
+    if dynamic or untyped:
+        names = (dynamic + untyped)[:5]
+        report.problems.append(
+            f"{len(dynamic) + len(untyped)} tensor(s) without a static shape, e.g. {names}"
+        )
+    for op in sorted(set(report.ops) & RANDOM_OPS):
+        report.problems.append(f"random op {op} in the graph (engines must be deterministic)")
+    for op in sorted(set(report.ops) & DATA_DEPENDENT_OPS):
+        report.problems.append(f"op {op} has data-dependent shapes or control flow")
+    for op in sorted(set(report.ops) - TRT_SUPPORTED_OPS - RANDOM_OPS - DATA_DEPENDENT_OPS):
+        report.problems.append(f"op {op} is not supported by the {TRT_OPS_SOURCE}")
+
+    shapes = Counter()
+    for node in graph.node:
+        if node.op_type == "Softmax" and node.input[0] in known:
+            dims = _static_dims(known[node.input[0]])
+            if dims and len(dims) >= 2:
+                shapes[dims[-2:]] += 1
+    report.attention_shapes = {f"{q}x{k}": c for (q, k), c in sorted(shapes.items())}
+    for exp in attention:
+        qk = (exp.query_len, exp.key_len)
+        if shapes[qk] != exp.layers:
+            report.problems.append(
+                f"expected {exp.layers} attention softmaxes of shape {qk[0]}x{qk[1]}, found {shapes[qk]} "
+                f"(softmax shapes in the graph: {report.attention_shapes})"
+            )
+        full = (exp.forbid_len, exp.forbid_len)
+        if exp.forbid_len and shapes[full]:
+            report.problems.append(
+                f"{shapes[full]} full-length {full[0]}x{full[1]} attention(s) at the LiteFocus level: "
+                "the sparse rewrite is not in the graph"
+            )
+    if report.problems:
+        raise AuditError(f"{Path(onnx_path).name} failed the audit:\n  - " + "\n  - ".join(report.problems))
+    logger.info("audit passed: %d nodes, attention %s", report.nodes, report.attention_shapes)
+    return report

@@ -1,0 +1,201 @@
+"""``litefocus-export``: static per-bucket ONNX (and TensorRT) engines of an AudioLDM2 model.
+
+    litefocus-export --seconds 10 20 40 80 --random-weights --out engines
+
+Usage errors exit 2 with one line naming the bad value; a failed export (audit or validation)
+exits 1; nothing half-written is left behind either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from litefocus.buckets import MAX_SECONDS, check_seconds
+from litefocus.config import LiteFocusConfig
+from litefocus.models import PRESETS
+
+logger = logging.getLogger("litefocus.export")
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(
+        prog="litefocus-export",
+        description="Export an AudioLDM2 UNet with LiteFocus (and its VAE decoder + vocoder) as static, "
+        "validated ONNX / TensorRT engines, one per duration bucket.",
+    )
+    p.add_argument(
+        "--seconds",
+        nargs="+",
+        required=True,
+        metavar="S",
+        help=f"audio length(s) of the buckets, each in (0, {MAX_SECONDS:g}]",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        default=None,
+        metavar="ID_OR_DIR",
+        help="hub id or local AudioLDM2 diffusers directory (default: cvssp/audioldm2)",
+    )
+    src.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the real architecture of --preset with seeded random weights (for latency work)",
+    )
+    p.add_argument(
+        "--preset", default="audioldm2", help=f"with --random-weights: one of {', '.join(PRESETS)}"
+    )
+    p.add_argument("--weights-seed", type=int, default=0, help="with --random-weights: the weight seed")
+    p.add_argument("--out", type=Path, default=Path("engines"), help="engine directory (default: ./engines)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "onnx", "tensorrt"],
+        default="auto",
+        help="auto: TensorRT where it is installed and a GPU exists, else ONNX",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "fp16"],
+        default="fp16" if gpu else "fp32",
+        help=f"default: {'fp16 (a GPU is present)' if gpu else 'fp32 (no GPU)'}",
+    )
+    p.add_argument(
+        "--batch", type=int, default=2, help="UNet batch; 2 = one prompt with classifier-free guidance"
+    )
+    p.add_argument("--text-len", type=int, default=128, help="fixed T5 token length of the engine")
+    p.add_argument(
+        "--no-litefocus", action="store_true", help="export the plain full-attention UNet (baseline)"
+    )
+    p.add_argument("--sparse-ratio", type=float, default=0.1, help="LiteFocus r (default 0.1)")
+    p.add_argument(
+        "--index-mode",
+        choices=["resample", "fixed"],
+        default="resample",
+        help="resample: global indices are an engine input; fixed: baked per layer",
+    )
+    p.add_argument("--litefocus-seed", type=int, default=0, help="seed of the LiteFocus index sample")
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached entry matches")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    return p
+
+
+def options_from_args(args: argparse.Namespace):
+    from litefocus.export.pipeline import ExportOptions
+
+    seconds = []
+    for raw in args.seconds:
+        try:
+            seconds.append(check_seconds(raw))
+        except ValueError as e:
+            raise UsageError(f"--seconds {raw}: {e}") from None
+    if args.preset not in PRESETS:
+        raise UsageError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    for flag, value in (("--batch", args.batch), ("--text-len", args.text_len)):
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.batch % 2 and args.batch != 1:
+        raise UsageError(
+            f"--batch {args.batch}: use 1 (no guidance) or an even number (prompts x 2 for guidance)"
+        )
+    config = None
+    if not args.no_litefocus:
+        try:
+            config = LiteFocusConfig(
+                sparse_ratio=args.sparse_ratio, index_mode=args.index_mode, seed=args.litefocus_seed
+            )
+        except ValueError as e:
+            raise UsageError(str(e).replace("LiteFocusConfig.sparse_ratio", "--sparse-ratio")) from None
+    model = None if args.random_weights else (args.model or "cvssp/audioldm2")
+    if model is not None:
+        path = Path(model).expanduser()
+        if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+            _check_model_dir(path, model)
+    return ExportOptions(
+        seconds=tuple(seconds),
+        out=args.out,
+        model=model,
+        random_preset=args.preset if args.random_weights else None,
+        weights_seed=args.weights_seed,
+        backend=args.backend,
+        precision=args.precision,
+        batch=args.batch,
+        text_len=args.text_len,
+        litefocus=config,
+        force=args.force,
+        quiet=args.quiet,
+    )
+
+
+def _check_model_dir(path: Path, raw: str) -> None:
+    """Fail fast (before anything heavy) on a model path that cannot be an AudioLDM2 directory."""
+    from litefocus.models import UNET, component_dir
+
+    if not path.is_dir():
+        raise UsageError(
+            f"--model {raw}: no such directory; pass an AudioLDM2 diffusers directory or a hub id "
+            "such as cvssp/audioldm2 (or --random-weights)"
+        )
+    try:
+        component_dir(path, UNET)
+    except ValueError as e:
+        raise UsageError(f"--model {raw}: {e}") from None
+
+
+def print_table(rows: list[dict], out: Path) -> None:
+    header = (
+        f"{'entry':<16}{'status':<8}{'seconds':>8}{'exact':>8}{'S':>7}{'unet err':>10}{'decode err':>11}"
+        f"{'MB':>8}{'time s':>8}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['entry']:<16}{r['status']:<8}{r['seconds']:>8g}{r['exact_seconds']:>8g}{r['S']:>7}"
+            f"{r['unet_rel_err']:>10.1e}{r['decode_rel_err']:>11.1e}{r['mb']:>8.0f}{r['build_s']:>8.1f}"
+        )
+    print(f"engines in {out}/ (manifest.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from litefocus.export.audit import AuditError
+    from litefocus.export.pipeline import export_engines, resolve_backend
+    from litefocus.export.tensorrt_build import TensorRTNotInstalled
+    from litefocus.export.validate import ValidationError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        opts = options_from_args(args)
+        opts = dataclasses.replace(opts, backend=resolve_backend(opts.backend))
+        manifest, rows = export_engines(opts)
+    except (UsageError, TensorRTNotInstalled) as e:
+        print(f"litefocus-export: error: {e}", file=sys.stderr)
+        return 2
+    except (AuditError, ValidationError) as e:
+        print(f"litefocus-export: export failed: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # user errors found while loading / preparing the output directory
+        print(f"litefocus-export: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # e.g. the hub is unreachable
+        print(f"litefocus-export: export failed: {e}", file=sys.stderr)
+        return 1
+    print_table(rows, opts.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

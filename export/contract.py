@@ -1,0 +1,213 @@
+"""Export contracts: the one description of each exportable module's inputs and outputs.
+
+Export, the graph audit, validation, the TensorRT profile, the runtime's buffer allocation and the
+tests all read these; nothing else restates a name, dtype or shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, Bucket
+from litefocus.config import LiteFocusConfig
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16"}
+GPT2_TOKENS = 8  # AudioLDM2's language model generates 8 conditioning tokens
+DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.dtype]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+def index_input_name(freq_bins: int) -> str:
+    return f"litefocus_indices_f{freq_bins}"
+
+
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
+
+
+class _Contract:
+    """What every contract offers on top of its ``inputs`` / ``outputs`` specs (properties)."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> static shape of every input and output (the TensorRT profile uses the inputs)."""
+        return {s.name: s.shape for s in (*self.inputs, *self.outputs)}
+
+    def numpy_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.sample_inputs(seed).items()}
+
+
+@dataclass(frozen=True)
+class UNetContract(_Contract):
+    """One UNet call for one bucket: noise_pred = unet(sample, timestep, conditioning[, indices]).
+
+    ``index_levels``: (freq_bins, layers) for each LiteFocus level whose global sample is an engine
+    input (``index_mode="resample"``); empty when LiteFocus is off or its samples are baked in.
+    """
+
+    bucket: Bucket
+    batch: int = 2
+    text_len: int = DEFAULT_TEXT_LEN
+    gpt2_dim: int = 768
+    t5_dim: int = 1024
+    precision: str = "fp32"
+    litefocus: LiteFocusConfig | None = field(default_factory=LiteFocusConfig)
+    index_levels: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+        for name in ("batch", "text_len", "gpt2_dim", "t5_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"UNetContract.{name} must be a positive int, got {value!r}")
+        if self.index_levels and (self.litefocus is None or self.litefocus.index_mode != "resample"):
+            raise ValueError("UNetContract: index inputs exist only with LiteFocus in index_mode='resample'")
+
+    @classmethod
+    def for_unet(cls, unet, bucket: Bucket, config: LiteFocusConfig | None, **kwargs) -> UNetContract:
+        """The contract of ``unet`` (its conditioning widths and patched layers) for ``bucket``."""
+        from litefocus.install import self_attention_freq_bins
+
+        dims = unet.config.cross_attention_dim
+        first = dims[0] if isinstance(dims[0], (list, tuple)) else dims
+        cross = [d for d in first if d is not None]
+        if len(cross) != 2:
+            raise ValueError(
+                f"not an AudioLDM2 UNet: expected [None, gpt2_dim, t5_dim] cross dims, got {first}"
+            )
+        levels: tuple[tuple[int, int], ...] = ()
+        if config is not None and config.index_mode == "resample" and config.cross_frequency:
+            bins = list(self_attention_freq_bins(unet, LATENT_FREQ_BINS).values())
+            levels = tuple((f, bins.count(f)) for f in config.freq_bins if bucket.num_global(config, f) > 0)
+        return cls(
+            bucket=bucket, gpt2_dim=cross[0], t5_dim=cross[1], litefocus=config, index_levels=levels, **kwargs
+        )
+
+    @property
+    def float_dtype(self) -> str:
+        return PRECISIONS[self.precision]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        b, f = self.batch, self.float_dtype
+        specs = [
+            TensorSpec("sample", (b, *self.bucket.latent_shape), f),
+            TensorSpec("timestep", (1,), "float32"),
+            TensorSpec("encoder_hidden_states", (b, GPT2_TOKENS, self.gpt2_dim), f),
+            TensorSpec("encoder_hidden_states_1", (b, self.text_len, self.t5_dim), f),
+            TensorSpec("encoder_attention_mask_1", (b, self.text_len), "int32"),
+        ]
+        for freq_bins, layers in self.index_levels:
+            s = self.bucket.num_global(self.litefocus, freq_bins)
+            specs.append(TensorSpec(index_input_name(freq_bins), (layers, s), "int32"))
+        return tuple(specs)
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("noise_pred", (self.batch, *self.bucket.latent_shape), self.float_dtype),)
+
+    def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Fresh random inputs that satisfy the contract (valid masks and index samples)."""
+        g = torch.Generator().manual_seed(seed)
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.inputs:
+            if spec.name == "timestep":
+                out[spec.name] = torch.randint(1, 1000, spec.shape, generator=g).float()
+            elif spec.name == "encoder_attention_mask_1":
+                lengths = torch.randint(1, self.text_len + 1, (self.batch,), generator=g)
+                mask = torch.arange(self.text_len)[None, :] < lengths[:, None]
+                out[spec.name] = mask.to(torch.int32)
+            elif spec.name.startswith("litefocus_indices"):
+                layers, s = spec.shape
+                n = self.bucket.tokens(int(spec.name.rsplit("_f", 1)[1]))
+                rows = [torch.randperm(n, generator=g)[:s] for _ in range(layers)]
+                out[spec.name] = torch.stack(rows).to(torch.int32)
+            else:
+                out[spec.name] = torch.randn(spec.shape, generator=g).to(spec.torch_dtype)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "module": "unet",
+            "batch": self.batch,
+            "text_len": self.text_len,
+            "precision": self.precision,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
+
+@dataclass(frozen=True)
+class DecodeContract(_Contract):
+    """VAE decoder + vocoder for one bucket: waveform = vocoder(vae.decode(latent / scaling_factor))."""
+
+    bucket: Bucket
+    batch: int = 1
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _check_precision(self.precision)
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ValueError(f"DecodeContract.batch must be a positive int, got {self.batch!r}")
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return (
+            TensorSpec(
+                "latent",
+                (self.batch, LATENT_CHANNELS, self.bucket.frames, LATENT_FREQ_BINS),
+                PRECISIONS[self.precision],
+            ),
+        )
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("waveform", (self.batch, self.bucket.samples), PRECISIONS[self.precision]),)
+
+    def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {s.name: torch.randn(s.shape, generator=g).to(s.torch_dtype) for s in self.inputs}
+
+    def to_dict(self) -> dict:
+        return {
+            "module": "decode",
+            "batch": self.batch,
+            "precision": self.precision,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }

@@ -1,0 +1,130 @@
+"""Static ONNX export of a contract's module, and the module that exposes the UNet by contract.
+
+Every dimension is static (one graph per bucket); weights go to ONE external-data file next to the
+graph. The TorchScript exporter (``dynamo=False``) is used: it exports the full AudioLDM2 UNet in
+seconds and matches eager to ~1e-6, where the dynamo exporter takes minutes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from litefocus.export.contract import UNetContract, index_input_name
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class UNetExportModule(torch.nn.Module):
+    """unet(...) with positional inputs in contract order; LiteFocus indices arrive as inputs.
+
+    Each ``litefocus_indices_f{F}`` input [layers, S] holds one row per patched layer of that level,
+    in the handle's layer order; they are routed to the processors through ``handle.set_indices``.
+    """
+
+    def __init__(self, unet, contract: UNetContract, handle=None):
+        super().__init__()
+        self.unet = unet
+        self.contract = contract
+        self.handle = handle
+        if contract.index_levels and handle is None:
+            raise ValueError("the contract has LiteFocus index inputs but no LiteFocus handle was given")
+        self.index_names = [index_input_name(f) for f, _ in contract.index_levels]
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        encoder_hidden_states_1,
+        encoder_attention_mask_1,
+        *indices,
+    ):
+        if self.index_names:
+            by_level = dict(zip([f for f, _ in self.contract.index_levels], indices, strict=True))
+            cursor = dict.fromkeys(by_level, 0)
+            rows = []
+            for f in self.handle.freq_bins:  # layer order
+                rows.append(by_level[f][cursor[f]])
+                cursor[f] += 1
+            self.handle.set_indices(rows)
+        try:
+            return self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                encoder_hidden_states_1=encoder_hidden_states_1,
+                encoder_attention_mask_1=encoder_attention_mask_1,
+                return_dict=False,
+            )[0]
+        finally:
+            if self.index_names:
+                self.handle.set_indices(None)
+
+
+def export_onnx(module: torch.nn.Module, contract, onnx_path: Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """Trace ``module`` at the contract's static shapes into ``onnx_path`` + ``<name>.data``.
+
+    The module must already be in the contract's precision. Returns (graph, weights) paths.
+    """
+    onnx_path = Path(onnx_path)
+    raw_dir = onnx_path.parent / (onnx_path.stem + ".raw")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_dir / onnx_path.name
+    args = tuple(contract.sample_inputs(seed)[name] for name in contract.input_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(raw),
+            dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            input_names=contract.input_names,
+            output_names=contract.output_names,
+        )
+    finalize_graph(raw, onnx_path)
+    for f in raw_dir.iterdir():
+        f.unlink()
+    raw_dir.rmdir()
+    data = onnx_path.parent / (onnx_path.name + ".data")
+    logger.info("exported %s (%.1f MB weights)", onnx_path.name, data.stat().st_size / 2**20)
+    return onnx_path, data
+
+
+def finalize_graph(raw: Path, onnx_path: Path) -> None:
+    """Fold the tracer's shape arithmetic into constants and write graph + ONE weights file.
+
+    The TorchScript exporter records ``x.shape`` as Shape/Gather/Expand chains even for static
+    inputs. ONNX Runtime's *basic* optimizations (constant folding, redundant-node elimination;
+    standard ONNX ops only) fold them, so every tensor gets a static shape; the result is saved with
+    all weights in ``<name>.data``.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(onnx_path)
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", onnx_path.name + ".data"
+    )
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_min_size_in_bytes", "1024"
+    )
+    options.log_severity_level = 3
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    # ORT lists every domain it knows; keep the ones the graph uses.
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    used = {n.domain for n in model.graph.node}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    onnx.save_model(model, str(onnx_path))

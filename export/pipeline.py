@@ -1,0 +1,355 @@
+"""The export stage: per bucket, UNet (+ LiteFocus) and decode graphs -> audited, validated engines.
+
+Stages per entry: export -> audit -> validate -> build (TensorRT, when asked and installed), for the
+UNet and the decode graph. Each entry is built in a temporary directory and renamed into place,
+then the manifest is rewritten atomically: an interrupted or failed export leaves no half-written
+entry behind. An entry whose cache key and files match is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import litefocus
+from litefocus.buckets import Bucket
+from litefocus.config import LiteFocusConfig
+from litefocus.engine import manifest as mf
+from litefocus.export.audit import AttentionExpectation, audit_graph
+from litefocus.export.contract import DecodeContract, UNetContract
+from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx
+from litefocus.export.validate import validate
+from litefocus.install import self_attention_freq_bins
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnx", "tensorrt")
+STAGES_PER_MODULE = 4  # export, audit, validate, build (TensorRT, or nothing)
+MODULES = ("unet", "decode")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    seconds: tuple[float, ...]
+    out: Path
+    model: str | None = "cvssp/audioldm2"  # hub id or local diffusers directory
+    random_preset: str | None = None  # build seeded random weights of this preset instead
+    weights_seed: int = 0
+    backend: str = "onnx"  # resolved: "onnx" or "tensorrt" (see resolve_backend)
+    precision: str = "fp32"
+    batch: int = 2
+    text_len: int = 128
+    litefocus: LiteFocusConfig | None = field(default_factory=LiteFocusConfig)
+    force: bool = False
+    quiet: bool = False
+
+
+def resolve_backend(backend: str) -> str:
+    """auto -> tensorrt when TensorRT and a CUDA GPU are there, else onnx. tensorrt without it: error."""
+    from litefocus.export.tensorrt_build import require_tensorrt, tensorrt_available
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "tensorrt":
+        require_tensorrt()
+        return "tensorrt"
+    if backend == "auto" and tensorrt_available() and torch.cuda.is_available():
+        return "tensorrt"
+    return "onnx"
+
+
+class Components:
+    """The model, loaded once on first use and shared by every bucket."""
+
+    def __init__(self, opts: ExportOptions):
+        self.opts = opts
+        self._unet = self._vae = self._vocoder = self.handle = None
+        self.identity = self._identity()
+
+    def _identity(self) -> dict:
+        o = self.opts
+        if o.random_preset is not None:
+            return {"source": f"random:{o.random_preset}:{o.weights_seed}", "weights_sha256": None}
+        path = Path(str(o.model)).expanduser()
+        if path.is_dir():
+            files = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
+            )
+            digest = mf.json_sha256([[p.relative_to(path).as_posix(), mf.file_sha256(p)] for p in files])
+            return {"source": str(path.resolve()), "weights_sha256": digest}
+        return {"source": o.model, "weights_sha256": None}  # hub: filled in by weights_identity()
+
+    def weights_identity(self) -> dict:
+        """The identity with a weight hash; a hub model is loaded (and hashed) for it."""
+        if self.identity["weights_sha256"] is None and self.opts.random_preset is None:
+            digest = mf.json_sha256([state_dict_sha256(m) for m in (self.unet(), *self.decode_parts())])
+            self.identity["weights_sha256"] = digest
+        return self.identity
+
+    def unet(self):
+        if self._unet is None:
+            from litefocus import models
+
+            o = self.opts
+            if o.random_preset is not None:
+                unet = models.random_unet(o.random_preset, o.weights_seed)
+            else:
+                unet = models.load_unet(o.model)
+            if o.litefocus is not None:
+                self.handle = litefocus.install(unet, o.litefocus)
+            self._unet = unet.to(torch.float16) if o.precision == "fp16" else unet
+        return self._unet
+
+    def decode_parts(self) -> tuple:
+        """(vae, vocoder) in the export precision."""
+        if self._vae is None:
+            from litefocus import models
+
+            o = self.opts
+            if o.random_preset is not None:
+                vae, vocoder = models.random_vae(o.weights_seed), models.random_vocoder(o.weights_seed)
+            else:
+                vae, vocoder = models.load_vae(o.model), models.load_vocoder(o.model)
+            dtype = torch.float16 if o.precision == "fp16" else torch.float32
+            self._vae, self._vocoder = vae.to(dtype).eval(), vocoder.to(dtype).eval()
+        return self._vae, self._vocoder
+
+    def decode(self, contract: DecodeContract):
+        from litefocus.export.decode import DecodeModule
+
+        return DecodeModule.for_contract(*self.decode_parts(), contract).eval()
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def entry_name(bucket: Bucket, precision: str) -> str:
+    return f"{bucket.name}-{precision}"
+
+
+def unet_contract(bucket: Bucket, opts: ExportOptions, unet) -> UNetContract:
+    return UNetContract.for_unet(
+        unet, bucket, opts.litefocus, batch=opts.batch, text_len=opts.text_len, precision=opts.precision
+    )
+
+
+def attention_expectations(bucket: Bucket, config: LiteFocusConfig | None, layer_bins) -> tuple:
+    """What the audit must find at the LiteFocus level(s); full N x N attention at F = 8 without it."""
+    if config is None:
+        n = bucket.tokens(8)
+        return (AttentionExpectation(n, n, sum(1 for b in layer_bins if b == 8)),)
+    out = []
+    for f in config.freq_bins:
+        t, n, s = bucket.grid(f)[0], bucket.tokens(f), bucket.num_global(config, f)
+        q, k = (t, t + s) if config.same_frequency else (n, s)
+        out.append(AttentionExpectation(q, k, sum(1 for b in layer_bins if b == f), forbid_len=n))
+    return tuple(out)
+
+
+def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
+    """Hash of everything that shapes an entry's artifacts (the contracts follow from these)."""
+    return mf.json_sha256(
+        {
+            "schema": mf.SCHEMA_VERSION,
+            "versions": mf.library_versions(),
+            "model": identity,
+            "opset": OPSET,
+            "litefocus": None if opts.litefocus is None else opts.litefocus.to_dict(),
+            "backend": opts.backend,
+            "frames": bucket.frames,
+            "batch": opts.batch,
+            "text_len": opts.text_len,
+            "precision": opts.precision,
+        }
+    )
+
+
+def _module_stages(name, label, module, contract, out_dir, root, attention, backend, bar) -> dict:
+    """export -> audit -> validate -> build for one module; returns its manifest record."""
+    t0 = time.perf_counter()
+    bar.set_postfix_str(f"{name}: export")
+    graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx")
+    export_s = time.perf_counter() - t0
+    bar.update()
+    bar.set_postfix_str(f"{name}: audit")
+    audit = audit_graph(graph, attention)
+    bar.update()
+    bar.set_postfix_str(f"{name}: validate")
+    t1 = time.perf_counter()
+    validation = validate(graph, module, contract)
+    validation["seconds"] = time.perf_counter() - t1
+    bar.update()
+    files = {"onnx": mf.file_record(graph, root), "data": mf.file_record(data, root)}
+    record = {
+        "contract": contract.to_dict(),
+        "audit": audit.to_dict(),
+        "validation": validation,
+        "export_seconds": export_s,
+    }
+    if backend == "tensorrt":
+        from litefocus.export.tensorrt_build import (
+            BuildOptions,
+            build_engine,
+            current_target,
+            engine_filename,
+        )
+
+        bar.set_postfix_str(f"{name}: build")
+        version, cc = current_target()
+        plan = out_dir / engine_filename(name, label, contract.precision, version, cc)
+        cache = root / f"timing-{version}-sm{cc[0]}{cc[1]}.cache"
+        record["tensorrt"] = build_engine(
+            graph, contract, plan, BuildOptions.for_contract(contract, timing_cache=cache)
+        )
+        files["plan"] = mf.file_record(plan, root)
+    bar.update()
+    record["files"] = files
+    return record
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out`` or check it is an engine directory we can write; drop leftovers of killed runs."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; pass a new or engine directory")
+    if out.is_dir() and any(out.iterdir()) and not mf.is_engine_dir(out):
+        raise ValueError(
+            f"--out {out} exists, is not empty and is not an engine directory (no manifest.json); "
+            "pass a new directory or an engine directory"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out} is not writable ({e.strerror}); pass a directory you can write to"
+        ) from None
+    for stale in out.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _install_entry(out: Path, name: str, tmp: Path) -> None:
+    """Swap the finished temporary directory into place (replacing an older build)."""
+    final = out / name
+    old = out / f".tmp-old-{name}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _rebase(record: dict, old: str, new: str) -> None:
+    for f in record["files"].values():
+        f["path"] = f["path"].replace(old + "/", new + "/", 1)
+
+
+def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
+    """Export every bucket of ``opts``; returns (manifest, one summary row per entry)."""
+    out = Path(opts.out)
+    _prepare_out(out)
+    components = Components(opts)
+    config = None if opts.litefocus is None else opts.litefocus.to_dict()
+    manifest = (
+        mf.read_manifest(out) if mf.is_engine_dir(out) else mf.new_manifest(components.identity, config)
+    )
+    if manifest["model"]["source"] != components.identity["source"] or manifest["litefocus"] != config:
+        if not opts.force:
+            raise ValueError(
+                f"--out {out} holds engines of model {manifest['model']['source']} with LiteFocus "
+                f"{manifest['litefocus']}; pass another --out, or --force to replace them"
+            )
+        for name in list(manifest["entries"]):
+            shutil.rmtree(out / name, ignore_errors=True)
+        manifest = mf.new_manifest(components.identity, config)
+    buckets = sorted({Bucket.for_seconds(s) for s in opts.seconds}, key=lambda b: b.frames)
+    rows = []
+    stages = STAGES_PER_MODULE * len(MODULES)
+    with tqdm(total=stages * len(buckets), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
+        for bucket in buckets:
+            name = entry_name(bucket, opts.precision)
+            key = cache_key(opts, components.weights_identity(), bucket)
+            old = manifest["entries"].get(name)
+            if not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old):
+                logger.info("%s: cached (key %s)", name, key[:12])
+                bar.update(stages)
+                rows.append({"entry": name, "status": "cached", **_summary(old)})
+                continue
+            entry = _build_entry(out, name, bucket, key, opts, components, manifest, bar)
+            rows.append({"entry": name, "status": "built", **_summary(entry)})
+    return manifest, rows
+
+
+def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dict:
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
+    try:
+        bar.set_description(f"{name} load")
+        unet = components.unet()
+        contract = unet_contract(bucket, opts, unet)
+        handle = components.handle
+        layer_bins = handle.freq_bins if handle else list(self_attention_freq_bins(unet).values())
+        bar.set_description(f"{name} unet")
+        unet_rec = _module_stages(
+            "unet",
+            bucket.name,
+            UNetExportModule(unet, contract, handle),
+            contract,
+            tmp,
+            out,
+            attention_expectations(bucket, opts.litefocus, layer_bins),
+            opts.backend,
+            bar,
+        )
+        bar.set_description(f"{name} decode")
+        decode = DecodeContract(bucket, batch=max(1, opts.batch // 2), precision=opts.precision)
+        decode_rec = _module_stages(
+            "decode", bucket.name, components.decode(decode), decode, tmp, out, (), opts.backend, bar
+        )
+        entry = {
+            "key": key,
+            "bucket": bucket.to_dict(opts.litefocus),
+            "precision": opts.precision,
+            "opset": OPSET,
+            "backend": opts.backend,
+            "modules": {"unet": unet_rec, "decode": decode_rec},
+            "build_seconds": time.perf_counter() - t0,
+        }
+        for rec in entry["modules"].values():
+            _rebase(rec, tmp.name, name)
+        _install_entry(out, name, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["entries"][name] = entry
+    manifest["versions"] = mf.library_versions()
+    manifest["model"] = components.identity
+    mf.write_manifest(out, manifest)
+    return entry
+
+
+def _summary(entry: dict) -> dict:
+    b, mods = entry["bucket"], entry["modules"]
+    return {
+        "seconds": b["seconds"],
+        "exact_seconds": b["exact_seconds"],
+        "frames": b["frames"],
+        "S": ",".join(str(v) for v in b.get("num_global", {}).values()) or "-",
+        "unet_rel_err": mods["unet"]["validation"]["outputs"]["noise_pred"]["max_rel_rms"],
+        "decode_rel_err": mods["decode"]["validation"]["outputs"]["waveform"]["max_rel_rms"],
+        "mb": sum(f["bytes"] for m in mods.values() for f in m["files"].values()) / 2**20,
+        "build_s": entry["build_seconds"],
+    }

@@ -1,0 +1,84 @@
+"""Validate an exported graph against its PyTorch module (the Optimum pattern).
+
+Both run on the same fresh random inputs (the same LiteFocus indices included); for each output we
+report the max absolute error and that error relative to the reference output's RMS, and fail above
+the tolerance of the precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# max |onnx - torch| / rms(torch), per output
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class ValidationError(RuntimeError):
+    pass
+
+
+def onnxruntime_providers(prefer_cuda: bool = True) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = ["CUDAExecutionProvider"] if prefer_cuda and "CUDAExecutionProvider" in available else []
+    return providers + ["CPUExecutionProvider"]
+
+
+def open_session(onnx_path: Path, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=providers or onnxruntime_providers())
+
+
+def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    want64 = want.astype(np.float64)
+    err = np.abs(got.astype(np.float64) - want64)
+    rms = float(np.sqrt(np.mean(want64**2)))
+    max_abs = float(err.max()) if err.size else 0.0
+    finite = bool(np.isfinite(got).all())
+    return {
+        "max_abs": max_abs if finite else math.inf,
+        "max_rel_rms": (max_abs / rms if rms > 0 else max_abs) if finite else math.inf,
+        "ref_rms": rms,
+    }
+
+
+def validate(onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 1, providers=None) -> dict:
+    """Run graph and module on ``contract.sample_inputs(seed)``; raise ValidationError above tolerance.
+
+    Returns {"provider", "seed", "tolerance", "outputs": {name: {max_abs, max_rel_rms, ref_rms}}}.
+    """
+    inputs = contract.sample_inputs(seed)
+    session = open_session(onnx_path, providers)
+    feeds = {name: inputs[name].numpy() for name in contract.input_names}
+    got = session.run(contract.output_names, feeds)
+    with torch.no_grad():
+        want = module(*(inputs[name] for name in contract.input_names))
+    want = [want] if isinstance(want, torch.Tensor) else list(want)
+    tol = TOLERANCE[contract.precision]
+    report = {"provider": session.get_providers()[0], "seed": seed, "tolerance": tol, "outputs": {}}
+    for name, g, w in zip(contract.output_names, got, want, strict=True):
+        report["outputs"][name] = compare(g, w.float().numpy())
+    del session
+    bad = {k: v for k, v in report["outputs"].items() if not v["max_rel_rms"] <= tol}
+    if bad:
+        raise ValidationError(
+            f"{Path(onnx_path).name}: ONNX Runtime differs from PyTorch above the {contract.precision} tolerance "
+            f"{tol:g} (max error relative to the output RMS): "
+            + ", ".join(f"{k}: {v['max_rel_rms']:.3g} (max abs {v['max_abs']:.3g})" for k, v in bad.items())
+        )
+    for k, v in report["outputs"].items():
+        logger.info(
+            "validated %s/%s: max abs %.3g, rel %.3g", Path(onnx_path).name, k, v["max_abs"], v["max_rel_rms"]
+        )
+    return report

@@ -1,0 +1,245 @@
+"""litefocus-export end to end on a tiny random AudioLDM2 saved as a diffusers directory."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from litefocus.buckets import Bucket
+from litefocus.engine import manifest as mf
+from litefocus.export import cli, pipeline
+from litefocus.export.audit import AttentionExpectation, AuditError, audit_graph
+from litefocus.export.validate import open_session
+from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
+
+SECONDS = ["0.3", "0.6"]  # buckets of 8 and 16 latent frames
+FAST = ["--text-len", "8", "-q"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-audioldm2")
+    make_tiny_unet().save_pretrained(root / "unet")
+    make_tiny_vae().save_pretrained(root / "vae")
+    make_tiny_vocoder().save_pretrained(root / "vocoder")
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "engines"
+    assert cli.main(["--seconds", *SECONDS, "--model", str(model_dir), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
+    manifest = mf.read_manifest(exported)
+    assert manifest["schema_version"] == mf.SCHEMA_VERSION
+    assert manifest["model"]["source"] == str(model_dir.resolve())
+    assert len(manifest["model"]["weights_sha256"]) == 64
+    assert manifest["litefocus"]["sparse_ratio"] == 0.1
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert sorted(manifest["entries"]) == ["0p32s-fp32", "0p64s-fp32"]
+    for name, entry in manifest["entries"].items():
+        assert not mf.verify_entry(exported, entry)
+        frames = entry["bucket"]["frames"]
+        assert frames in (8, 16)
+        unet = entry["modules"]["unet"]
+        # ONNX Runtime matches PyTorch within the fp32 tolerance, and the figures are stored
+        assert unet["validation"]["outputs"]["noise_pred"]["max_rel_rms"] <= 1e-4
+        assert entry["modules"]["decode"]["validation"]["outputs"]["waveform"]["max_rel_rms"] <= 1e-4
+        # the sparse attention is in the graph: key length T_level + S at the F = 8 level
+        t8, s = frames // 2, entry["bucket"]["num_global"]["8"]
+        assert unet["audit"]["attention_softmax_shapes"][f"{t8}x{t8 + s}"] == 20
+        assert f"{t8 * 8}x{t8 * 8}" not in unet["audit"]["attention_softmax_shapes"]
+        assert (exported / name / "unet.onnx.data").is_file()
+
+
+def test_graph_inputs_follow_the_contract(exported):
+    entry = mf.read_manifest(exported)["entries"]["0p64s-fp32"]
+    contract = entry["modules"]["unet"]["contract"]
+    session = open_session(exported / "0p64s-fp32" / "unet.onnx", ["CPUExecutionProvider"])
+    got = [(i.name, list(i.shape)) for i in session.get_inputs()]
+    assert got == [(s["name"], s["shape"]) for s in contract["inputs"]]
+    assert got[-1] == ("litefocus_indices_f8", [20, 6])  # S = floor(0.1 * 8 * 8)
+    wave = entry["modules"]["decode"]["contract"]["outputs"][0]
+    assert wave["shape"] == [1, Bucket.for_seconds(0.6).samples] == [1, 10240]
+
+
+def test_second_run_is_a_cache_hit_and_force_rebuilds(exported, model_dir, capsys):
+    before = (exported / "manifest.json").read_text()
+    assert cli.main(["--seconds", *SECONDS, "--model", str(model_dir), "--out", str(exported), *FAST]) == 0
+    assert "cached" in capsys.readouterr().out
+    assert (exported / "manifest.json").read_text() == before
+    # a tampered file is not a cache hit: that entry is rebuilt
+    data = exported / "0p32s-fp32" / "decode.onnx.data"
+    data.write_bytes(data.read_bytes()[:-1] + b"\0")
+    assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(exported), *FAST]) == 0
+    assert "built" in capsys.readouterr().out
+    assert not mf.verify_entry(exported, mf.read_manifest(exported)["entries"]["0p32s-fp32"])
+    old_time = mf.read_manifest(exported)["entries"]["0p32s-fp32"]["build_seconds"]
+    assert (
+        cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(exported), "--force", *FAST])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "built" in out and "cached" not in out
+    assert mf.read_manifest(exported)["entries"]["0p32s-fp32"]["build_seconds"] != old_time
+    assert not list(exported.glob(".tmp-*"))
+
+
+def test_failure_mid_export_leaves_no_entry(model_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(pipeline, "validate", broken)
+    out = tmp_path / "engines"
+    assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 1
+    assert not mf.is_engine_dir(out)
+    assert [p.name for p in out.iterdir()] == []
+
+
+def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
+    out = tmp_path / "fixed"
+    assert (
+        cli.main(
+            ["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), "--index-mode", "fixed", *FAST]
+        )
+        == 0
+    )
+    inputs = [
+        i.name for i in onnx.load(str(out / "0p32s-fp32" / "unet.onnx"), load_external_data=False).graph.input
+    ]
+    assert not any(n.startswith("litefocus_indices") for n in inputs)
+    base = tmp_path / "base"
+    assert (
+        cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", *FAST])
+        == 0
+    )
+    entry = mf.read_manifest(base)["entries"]["0p32s-fp32"]
+    assert mf.read_manifest(base)["litefocus"] is None
+    assert (
+        entry["modules"]["unet"]["audit"]["attention_softmax_shapes"]["32x32"] == 20
+    )  # full attention at F = 8
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seconds", "0"], "--seconds 0: seconds must be a positive finite number"),
+        (["--seconds", "-5"], "--seconds -5: seconds must be a positive finite number"),
+        (["--seconds", "nan"], "--seconds nan: seconds must be a positive finite number"),
+        (["--seconds", "ten"], "--seconds ten: seconds must be a number"),
+        (["--seconds", "1000"], "above the maximum of 320 s"),
+        (["--seconds", "10", "--random-weights", "--preset", "audioldm3"], "--preset 'audioldm3' is unknown"),
+        (["--seconds", "10", "--model", "/no/such/model"], "--model /no/such/model: no such directory"),
+        (["--seconds", "10", "--sparse-ratio", "1.5"], "--sparse-ratio must be a number in (0, 1]"),
+        (["--seconds", "10", "--batch", "3"], "--batch 3"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):
+    assert cli.main([*args, "--out", str(tmp_path / "e"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "e").exists()
+
+
+def test_model_dir_that_is_not_audioldm2(tmp_path, capsys):
+    (tmp_path / "m" / "unet").mkdir(parents=True)
+    (tmp_path / "m" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    assert (
+        cli.main(["--seconds", "10", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "e"), "-q"]) == 2
+    )
+    assert "not an AudioLDM2UNet2DConditionModel" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["not-engine-dir", "not-writable"])
+def test_bad_output_directory(model_dir, tmp_path, capsys, kind):
+    if kind == "not-engine-dir":
+        out = tmp_path / "photos"
+        out.mkdir()
+        (out / "cat.jpg").write_bytes(b"x")
+        match = "is not an engine directory"
+    else:
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "engines"  # a path below a file cannot be created
+        match = "is not writable"
+    assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), "-q"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_tensorrt_backend_without_tensorrt_exits_2(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    assert (
+        cli.main(
+            [
+                "--seconds",
+                "0.3",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "e"),
+                "--backend",
+                "tensorrt",
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_audit_rejects_a_dynamic_dimension(exported, tmp_path):
+    src = exported / "0p32s-fp32"
+    model = onnx.load(str(src / "unet.onnx"), load_external_data=False)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    shutil.copy(src / "unet.onnx.data", tmp_path / "unet.onnx.data")
+    onnx.save_model(model, str(tmp_path / "unet.onnx"))
+    with pytest.raises(AuditError, match="without a static shape"):
+        audit_graph(tmp_path / "unet.onnx")
+
+
+def test_audit_rejects_full_attention_at_the_litefocus_level(model_dir, tmp_path):
+    base = tmp_path / "base"
+    assert (
+        cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", *FAST])
+        == 0
+    )
+    expect = pipeline.attention_expectations(Bucket.for_seconds(0.3), pipeline.LiteFocusConfig(), [8] * 20)
+    with pytest.raises(AuditError, match="full-length 32x32 attention"):
+        audit_graph(base / "0p32s-fp32" / "unet.onnx", expect)
+
+
+def test_audit_rejects_random_ops(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    nodes = [
+        onnx.helper.make_node("RandomUniformLike", ["x"], ["r"]),
+        onnx.helper.make_node("Add", ["x", "r"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(nodes, "g", [x], [y])
+    onnx.save_model(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]),
+        str(tmp_path / "r.onnx"),
+    )
+    with pytest.raises(AuditError, match="random op RandomUniformLike"):
+        audit_graph(tmp_path / "r.onnx", (AttentionExpectation(1, 1, 0),))
+
+
+def test_indices_input_changes_the_output(exported):
+    """The global sample really is an engine input (not a baked constant)."""
+    from litefocus.export.contract import UNetContract
+
+    entry = mf.read_manifest(exported)["entries"]["0p32s-fp32"]
+    session = open_session(exported / "0p32s-fp32" / "unet.onnx", ["CPUExecutionProvider"])
+    contract = UNetContract(
+        Bucket.for_seconds(0.3), text_len=8, gpt2_dim=12, t5_dim=20, index_levels=((8, 20),)
+    )
+    assert [s.to_dict() for s in contract.inputs] == entry["modules"]["unet"]["contract"]["inputs"]
+    feeds = contract.numpy_inputs(seed=3)
+    a = session.run(None, feeds)[0]
+    feeds["litefocus_indices_f8"] = contract.numpy_inputs(seed=4)["litefocus_indices_f8"]
+    assert np.abs(session.run(None, feeds)[0] - a).max() > 1e-5
