@@ -117,8 +117,9 @@ class Components:
                 vae, vocoder = models.random_vae(o.weights_seed), models.random_vocoder(o.weights_seed)
             else:
                 vae, vocoder = models.load_vae(o.model), models.load_vocoder(o.model)
-            dtype = torch.float16 if o.precision == "fp16" else torch.float32
-            self._vae, self._vocoder = vae.to(dtype).eval(), vocoder.to(dtype).eval()
+            if o.precision == "fp16":
+                vae, vocoder = vae.to(torch.float16), vocoder.to(torch.float16)
+            self._vae, self._vocoder = vae.eval(), vocoder.eval()
         return self._vae, self._vocoder
 
     def decode(self, contract: DecodeContract):
@@ -166,6 +167,7 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
         {
             "schema": mf.SCHEMA_VERSION,
             "versions": mf.library_versions(),
+            "code": mf.code_sha256(),
             "model": identity,
             "opset": OPSET,
             "litefocus": None if opts.litefocus is None else opts.litefocus.to_dict(),
@@ -275,7 +277,9 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         for name in list(manifest["entries"]):
             shutil.rmtree(out / name, ignore_errors=True)
         manifest = mf.new_manifest(components.identity, config)
-    buckets = sorted({Bucket.for_seconds(s) for s in opts.seconds}, key=lambda b: b.frames)
+    # one entry per latent length: of several requests that share it, keep the longest
+    by_frames = {b.frames: b for b in sorted(map(Bucket.for_seconds, opts.seconds), key=lambda b: b.seconds)}
+    buckets = [by_frames[f] for f in sorted(by_frames)]
     rows = []
     stages = STAGES_PER_MODULE * len(MODULES)
     with tqdm(total=stages * len(buckets), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
@@ -321,6 +325,7 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
         )
         entry = {
             "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bucket": bucket.to_dict(opts.litefocus),
             "precision": opts.precision,
             "opset": OPSET,

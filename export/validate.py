@@ -16,9 +16,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# max |onnx - torch| / rms(torch), per output
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
-
 
 class ValidationError(RuntimeError):
     pass
@@ -65,7 +62,7 @@ def validate(onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 
     with torch.no_grad():
         want = module(*(inputs[name] for name in contract.input_names))
     want = [want] if isinstance(want, torch.Tensor) else list(want)
-    tol = TOLERANCE[contract.precision]
+    tol = contract.tolerance
     report = {"provider": session.get_providers()[0], "seed": seed, "tolerance": tol, "outputs": {}}
     for name, g, w in zip(contract.output_names, got, want, strict=True):
         report["outputs"][name] = compare(g, w.float().numpy())

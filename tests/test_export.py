@@ -126,6 +126,20 @@ def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
     )  # full attention at F = 8
 
 
+def test_fp16_export_validates(model_dir, tmp_path):
+    out = tmp_path / "fp16"
+    assert (
+        cli.main(
+            ["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), "--precision", "fp16", *FAST]
+        )
+        == 0
+    )
+    entry = mf.read_manifest(out)["entries"]["0p32s-fp16"]
+    assert entry["precision"] == "fp16"
+    assert entry["modules"]["unet"]["contract"]["inputs"][0]["dtype"] == "float16"
+    assert 0 < entry["modules"]["unet"]["validation"]["outputs"]["noise_pred"]["max_rel_rms"] <= 2e-2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

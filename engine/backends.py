@@ -1,0 +1,68 @@
+"""Backends that run one call of a contract module: ``backend(inputs: dict[name, Tensor]) -> Tensor``.
+
+All take the contract's named inputs, so the sampling loop does not know which one it drives.
+``TorchBackend`` is the reference (and the fallback); ``OnnxRuntimeBackend`` runs an exported graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class TorchBackend:
+    """A PyTorch module that takes the contract's inputs positionally (UNetExportModule, DecodeModule).
+
+    Calls are serialized with a lock: the LiteFocus handle routes indices through shared state.
+    """
+
+    name = "torch"
+
+    def __init__(self, module: torch.nn.Module, contract, device: torch.device | str = "cpu"):
+        self.module = module.eval()
+        self.contract = contract
+        self.device = torch.device(device)
+        self._lock = threading.Lock()
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        args = [inputs[name].to(self.device) for name in self.contract.input_names]
+        with self._lock, torch.inference_mode():
+            return self.module(*args).float().cpu()
+
+    def close(self) -> None:
+        self.module = None
+
+
+class OnnxRuntimeBackend:
+    """An exported graph in ONNX Runtime (CUDA EP when installed, else CPU). ``run`` is thread-safe."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: Path, contract, providers: list[str] | None = None):
+        from litefocus.export.validate import open_session
+
+        self.contract = contract
+        self.session = open_session(Path(onnx_path), providers)
+        got = [(i.name, tuple(i.shape)) for i in self.session.get_inputs()]
+        want = [(s.name, tuple(s.shape)) for s in contract.inputs]
+        if got != want:
+            raise ValueError(
+                f"{onnx_path}: graph inputs {got} differ from the manifest's contract {want}; re-export"
+            )
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        feeds = {
+            s.name: np.ascontiguousarray(inputs[s.name].cpu().numpy().astype(s.numpy_dtype, copy=False))
+            for s in self.contract.inputs
+        }
+        (out,) = self.session.run(self.contract.output_names, feeds)
+        return torch.from_numpy(out).float()
+
+    def close(self) -> None:
+        self.session = None

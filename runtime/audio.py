@@ -1,0 +1,43 @@
+"""What a generation returns, and writing it as a WAV file atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Audio:
+    waveform: np.ndarray  # float32 [samples], 16 kHz, cropped to int(seconds * 16000)
+    sample_rate: int
+    seconds: float
+    bucket: str  # the engine entry that produced it
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+
+
+def write_wav(path: str | os.PathLike, audio: Audio, *, float32: bool = False) -> Path:
+    """Write 16-bit PCM (or 32-bit float) WAV via a temp file + rename: never a half-written file."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"output directory {path.parent} does not exist; create it or choose another -o path"
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(
+            tmp, audio.waveform, audio.sample_rate, subtype="FLOAT" if float32 else "PCM_16", format="WAV"
+        )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,327 @@
+"""``Runtime``: load an engine directory once, serve many generations (thread-safe, no global state).
+
+with Runtime.load("engines") as rt:
+    audio = rt.generate("rain on a tin roof", seconds=80, seed=1)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from litefocus.buckets import Bucket
+from litefocus.config import LiteFocusConfig
+from litefocus.engine import manifest as mf
+from litefocus.export.contract import DecodeContract, UNetContract, index_input_name
+from litefocus.runtime.audio import SAMPLE_RATE, Audio
+from litefocus.runtime.sampling import SCHEDULERS, Conditioning, denoise, initial_latents, make_scheduler
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "torch")
+
+
+def _contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
+    """Rebuild the entry's contracts and check them against what the manifest recorded."""
+    b = entry["bucket"]
+    bucket = Bucket(seconds=b["seconds"], frames=b["frames"])
+    u = entry["modules"]["unet"]["contract"]
+    shapes = {s["name"]: s["shape"] for s in u["inputs"]}
+    levels = tuple(
+        (f, shapes[index_input_name(f)][0])
+        for f in (config.freq_bins if config else ())
+        if index_input_name(f) in shapes
+    )
+    unet = UNetContract(
+        bucket,
+        batch=u["batch"],
+        text_len=u["text_len"],
+        gpt2_dim=shapes["encoder_hidden_states"][2],
+        t5_dim=shapes["encoder_hidden_states_1"][2],
+        precision=u["precision"],
+        litefocus=config,
+        index_levels=levels,
+    )
+    d = entry["modules"]["decode"]["contract"]
+    decode = DecodeContract(bucket, batch=d["batch"], precision=d["precision"])
+    if unet.to_dict() != u or decode.to_dict() != d:
+        raise mf.ManifestError("the manifest's contracts do not match this litefocus version's; re-export")
+    return unet, decode
+
+
+class Runtime:
+    def __init__(self, engine_dir: Path, manifest: dict, backend: str, device: torch.device):
+        self.engine_dir = engine_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.device = device
+        cfg = manifest["litefocus"]
+        self.config = None if cfg is None else LiteFocusConfig.from_dict(cfg)
+        entries = sorted(manifest["entries"].items(), key=lambda kv: kv[1]["bucket"]["frames"])
+        self.entries = dict(entries)
+        if not self.entries:
+            raise ValueError(f"{engine_dir} has no engines; export some with litefocus-export --seconds ...")
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple] = {}
+        self._models = None  # torch fallback: (unet export module factory state)
+        self._text = None
+
+    # ---- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, engine_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None
+    ) -> Runtime:
+        """Read and check the manifest; engines open lazily, per bucket, on first use."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        engine_dir = Path(engine_dir)
+        if not engine_dir.is_dir():
+            raise ValueError(f"engine directory {engine_dir} does not exist; create it with litefocus-export")
+        manifest = mf.read_manifest(engine_dir)
+        if backend == "auto":
+            backend = "onnxruntime"
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return cls(engine_dir, manifest, backend, dev)
+
+    def close(self) -> None:
+        with self._lock:
+            for unet, decode, *_ in self._open.values():
+                unet.close()
+                decode.close()
+            self._open.clear()
+            self._models = self._text = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- buckets -----------------------------------------------------------------------------
+    def bucket_for(self, seconds: float) -> str:
+        """The smallest entry whose audio holds ``seconds``."""
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or seconds <= 0
+        ):
+            raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
+        for name, entry in self.entries.items():
+            if entry["bucket"]["exact_seconds"] >= seconds:
+                return name
+        have = ", ".join(f"{e['bucket']['exact_seconds']:g} s" for e in self.entries.values())
+        raise ValueError(
+            f"seconds = {seconds:g} is longer than the largest bucket in {self.engine_dir} ({have}); export a "
+            f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
+        )
+
+    def _engines(self, name: str):
+        """(unet backend, decode backend, unet contract, decode contract) of an entry, opened once."""
+        with self._lock:
+            if name not in self._open:
+                entry = self.entries[name]
+                problems = mf.verify_entry(self.engine_dir, entry)
+                if problems:
+                    raise ValueError(
+                        f"engine {name} in {self.engine_dir} failed verification: {'; '.join(problems)}; "
+                        "re-export it with litefocus-export --force"
+                    )
+                unet_c, decode_c = _contracts(entry, self.config)
+                self._open[name] = (*self._backends(name, entry, unet_c, decode_c), unet_c, decode_c)
+            return self._open[name]
+
+    def _backends(self, name, entry, unet_c, decode_c):
+        from litefocus.engine.backends import OnnxRuntimeBackend, TorchBackend
+
+        if self.backend == "onnxruntime":
+            files = {
+                m: self.engine_dir / entry["modules"][m]["files"]["onnx"]["path"] for m in ("unet", "decode")
+            }
+            return OnnxRuntimeBackend(files["unet"], unet_c), OnnxRuntimeBackend(files["decode"], decode_c)
+        from litefocus.export.decode import DecodeModule
+        from litefocus.export.onnx_export import UNetExportModule
+
+        unet, handle, vae, vocoder = self._torch_models()
+        return (
+            TorchBackend(UNetExportModule(unet, unet_c, handle), unet_c, self.device),
+            TorchBackend(DecodeModule.for_contract(vae, vocoder, decode_c), decode_c, self.device),
+        )
+
+    def _torch_models(self):
+        """The PyTorch reference models of the manifest's source (loaded once)."""
+        if self._models is None:
+            import litefocus
+            from litefocus import models
+
+            source = self.manifest["model"]["source"]
+            if source.startswith("random:"):
+                _, preset, seed = source.split(":")
+                unet, vae, vocoder = (
+                    models.random_unet(preset, int(seed)),
+                    models.random_vae(int(seed)),
+                    models.random_vocoder(int(seed)),
+                )
+            else:
+                unet, vae, vocoder = (
+                    models.load_unet(source),
+                    models.load_vae(source),
+                    models.load_vocoder(source),
+                )
+            handle = litefocus.install(unet, self.config) if self.config is not None else None
+            self._models = tuple(
+                m.to(self.device) if isinstance(m, torch.nn.Module) else m
+                for m in (unet, handle, vae, vocoder)
+            )
+        return self._models
+
+    def scheduler_config(self) -> dict:
+        import json
+        from importlib import resources
+
+        source = Path(self.manifest["model"]["source"])
+        path = source / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())
+
+    # ---- generation --------------------------------------------------------------------------
+    def text_conditioner(self):
+        """AudioLDM2's text encoders from the manifest's model source (loaded once)."""
+        with self._lock:
+            if self._text is None:
+                from litefocus.runtime.conditioning import TextConditioner
+
+                source = self.manifest["model"]["source"]
+                if source.startswith("random:"):
+                    raise ValueError(
+                        f"{self.engine_dir} was exported with random weights ({source}) and has no text encoders; "
+                        "use Runtime.generate_from_conditioning, or export from a real model (--model)"
+                    )
+                self._text = TextConditioner.load(source)
+            return self._text
+
+    def generate(
+        self,
+        prompt: str,
+        seconds: float,
+        *,
+        negative_prompt: str | None = None,
+        steps: int = 200,
+        guidance_scale: float = 3.5,
+        scheduler: str = "ddim",
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> Audio:
+        """Text -> audio of exactly ``int(seconds * 16000)`` samples (AudioLDM2's defaults)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
+        _check_options(steps, guidance_scale, scheduler, seed)
+        self.bucket_for(seconds)  # fail fast, before the text encoders run
+        t0 = time.perf_counter()
+        cond = self.text_conditioner()(prompt, negative_prompt, guided=guidance_scale > 1.0)
+        t_cond = time.perf_counter() - t0
+        audio = self.generate_from_conditioning(
+            cond,
+            seconds,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            seed=seed,
+            progress=progress,
+        )
+        audio.timings["conditioning"] = t_cond
+        return audio
+
+    def generate_from_conditioning(
+        self,
+        cond: Conditioning,
+        seconds: float,
+        *,
+        steps: int = 200,
+        guidance_scale: float = 3.5,
+        scheduler: str = "ddim",
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> Audio:
+        """Sampling loop + decode from precomputed conditioning (CFG-batched: [uncond, cond])."""
+        _check_options(steps, guidance_scale, scheduler, seed)
+        name = self.bucket_for(seconds)
+        t0 = time.perf_counter()
+        unet, decode, unet_c, decode_c = self._engines(name)
+        guided = guidance_scale > 1.0
+        if cond.batch != unet_c.batch or (not guided and unet_c.batch != 1 and cond.batch != unet_c.batch):
+            raise ValueError(
+                f"conditioning batch {cond.batch} does not match the engine's batch {unet_c.batch}"
+            )
+        cond = _pad_text(cond, unet_c.text_len)
+        seed = secrets.randbits(63) if seed is None else seed
+        generator = torch.Generator().manual_seed(seed)
+        sched = make_scheduler(scheduler, self.scheduler_config())
+        latents = initial_latents(
+            (unet_c.batch // (2 if guided else 1), *unet_c.bucket.latent_shape), generator, sched
+        )
+        specs = {
+            index_input_name(f): (layers, unet_c.bucket.num_global(self.config, f), unet_c.bucket.tokens(f))
+            for f, layers in unet_c.index_levels
+        }
+        t1 = time.perf_counter()
+        latents = denoise(
+            unet,
+            sched,
+            latents,
+            cond,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            index_specs=specs,
+            generator=generator,
+            dtype=unet_c.inputs[0].torch_dtype,
+            progress=progress,
+        )
+        t2 = time.perf_counter()
+        wave = decode({"latent": latents.to(decode_c.inputs[0].torch_dtype)})[0]
+        t3 = time.perf_counter()
+        samples = int(seconds * SAMPLE_RATE)
+        return Audio(
+            waveform=wave[:samples].numpy().astype("float32"),
+            sample_rate=SAMPLE_RATE,
+            seconds=seconds,
+            bucket=name,
+            timings={"setup": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2},
+        )
+
+
+def _check_options(steps, guidance_scale, scheduler, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+        or guidance_scale < 1
+    ):
+        raise ValueError(f"guidance_scale must be a number >= 1, got {guidance_scale!r}")
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+
+
+def _pad_text(cond: Conditioning, length: int) -> Conditioning:
+    """Pad (with mask 0) the T5 sequence to the engine's fixed length."""
+    b, n, d = cond.t5.shape
+    if n > length:
+        raise ValueError(f"T5 conditioning has {n} tokens, the engine takes at most {length}")
+    if n == length:
+        return cond
+    t5 = torch.cat([cond.t5, cond.t5.new_zeros(b, length - n, d)], dim=1)
+    mask = torch.cat([cond.t5_mask, cond.t5_mask.new_zeros(b, length - n)], dim=1)
+    return Conditioning(cond.gpt2, t5, mask)
