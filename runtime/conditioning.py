@@ -26,14 +26,9 @@ def generate_language_model(language_model, inputs_embeds, attention_mask, max_n
         max_new_tokens = GPT2_TOKENS
     mask = attention_mask
     for _ in range(max_new_tokens):
-        position_ids = mask.long().cumsum(-1) - 1
-        position_ids = position_ids.masked_fill(mask == 0, 1)
+        # default positions (0..n-1), as diffusers' loop passes none
         out = language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            output_hidden_states=True,
-            return_dict=True,
+            inputs_embeds=inputs_embeds, attention_mask=mask, output_hidden_states=True, return_dict=True
         )
         inputs_embeds = torch.cat([inputs_embeds, out.hidden_states[-1][:, -1:, :]], dim=1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)

@@ -72,9 +72,12 @@ def denoise_step(
     indices: dict,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """x_t -> x_{t-1}: one (CFG-batched) UNet call, guidance, scheduler step."""
+    """x_t -> x_{t-1}: one (CFG-batched) UNet call, guidance, scheduler step.
+
+    The conditioning batch is a multiple of the latent batch (2x with guidance: [uncond, cond]).
+    """
     guided = guidance_scale > 1.0
-    model_in = torch.cat([latents] * 2) if guided else latents  # [B, 8, T, 16]
+    model_in = torch.cat([latents] * (cond.batch // latents.shape[0]))  # [B, 8, T, 16]
     model_in = scheduler.scale_model_input(model_in, t)
     noise = unet(
         {
@@ -89,6 +92,8 @@ def denoise_step(
     if guided:
         uncond, text = noise.chunk(2)
         noise = uncond + guidance_scale * (text - uncond)
+    else:
+        noise = noise[: latents.shape[0]]
     return scheduler.step(noise, t, latents).prev_sample
 
 

@@ -1,0 +1,75 @@
+"""``litefocus-generate``: text -> WAV from an engine directory.
+
+litefocus-generate "rain on a tin roof" --seconds 80 --engines engines -o rain.wav --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from litefocus.runtime.sampling import SCHEDULERS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="litefocus-generate", description="Generate audio from a litefocus engine directory."
+    )
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument(
+        "--seconds", type=float, required=True, help="audio length; the smallest bucket that holds it is used"
+    )
+    p.add_argument(
+        "--engines", type=Path, default=Path("engines"), help="engine directory (default: ./engines)"
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, help="WAV file to write")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=None, help="same seed -> same audio (default: random)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (>= 1)")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--float", action="store_true", help="32-bit float WAV instead of 16-bit PCM")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from litefocus.runtime import Runtime, write_wav
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        if not args.output.parent.is_dir():
+            raise ValueError(f"-o {args.output}: directory {args.output.parent} does not exist")
+        with Runtime.load(args.engines, backend=args.backend) as rt:
+            audio = rt.generate(
+                args.prompt,
+                args.seconds,
+                negative_prompt=args.negative_prompt,
+                steps=args.steps,
+                guidance_scale=args.guidance,
+                scheduler=args.scheduler,
+                seed=args.seed,
+                progress=not args.quiet,
+            )
+        write_wav(args.output, audio, float32=args.float)
+    except ValueError as e:
+        print(f"litefocus-generate: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"litefocus-generate: failed: {e}", file=sys.stderr)
+        return 1
+    times = ", ".join(f"{k} {v:.2f} s" for k, v in audio.timings.items())
+    print(
+        f"wrote {args.output}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket {audio.bucket} ({times})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

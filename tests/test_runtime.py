@@ -1,0 +1,304 @@
+"""The runtime against diffusers' own AudioLDM2Pipeline, across backends, threads and bad input."""
+
+import json
+import shutil
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from litefocus.export import cli as export_cli
+from litefocus.runtime import Runtime
+from litefocus.runtime import cli as generate_cli
+from tiny_models import T5_MAX_LENGTH, save_tiny_pipeline
+
+PROMPT = "a dog barks"
+SECONDS = 0.64  # 16 latent frames: diffusers' own geometry equals the bucket's (no padding)
+FAST = {"steps": 3, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-pipeline")
+    save_tiny_pipeline(path)
+    return path
+
+
+def _export(pipe_dir, out, *extra):
+    args = [
+        "--seconds",
+        str(SECONDS),
+        "--model",
+        str(pipe_dir),
+        "--out",
+        str(out),
+        "--text-len",
+        str(T5_MAX_LENGTH),
+    ]
+    assert export_cli.main([*args, *extra, "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines_off(pipe_dir, tmp_path_factory):
+    return _export(pipe_dir, tmp_path_factory.mktemp("off") / "engines", "--no-litefocus")
+
+
+@pytest.fixture(scope="module")
+def engines_on(pipe_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("on") / "engines"
+    _export(pipe_dir, out)
+    assert (
+        export_cli.main(
+            [
+                "--seconds",
+                "10",
+                "--model",
+                str(pipe_dir),
+                "--out",
+                str(out),
+                "--text-len",
+                str(T5_MAX_LENGTH),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime_on(engines_on):
+    with Runtime.load(engines_on, backend="onnxruntime") as rt:
+        yield rt
+
+
+def diffusers_audio(pipe_dir, seed, steps, scheduler=None):
+    from diffusers import AudioLDM2Pipeline
+
+    pipe = AudioLDM2Pipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            audio_length_in_s=SECONDS,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    return out.audios[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_litefocus_off_matches_diffusers_pipeline(pipe_dir, engines_off, backend):
+    want = diffusers_audio(pipe_dir, seed=0, steps=3)
+    with Runtime.load(engines_off, backend=backend) as rt:
+        audio = rt.generate(PROMPT, SECONDS, seed=0, **FAST)
+    assert audio.waveform.shape == want.shape == (int(SECONDS * 16000),)
+    assert np.abs(want).max() > 1e-3
+    assert np.abs(audio.waveform - want).max() <= 1e-4
+
+
+def test_dpm_scheduler_matches_diffusers(pipe_dir, engines_off):
+    from diffusers import DPMSolverMultistepScheduler
+
+    want = diffusers_audio(pipe_dir, seed=1, steps=4, scheduler=DPMSolverMultistepScheduler)
+    with Runtime.load(engines_off, backend="torch") as rt:
+        audio = rt.generate(PROMPT, SECONDS, seed=1, steps=4, scheduler="dpm++", progress=False)
+    assert np.abs(audio.waveform - want).max() <= 1e-4
+
+
+def test_onnxruntime_matches_torch_with_litefocus(engines_on, runtime_on):
+    with Runtime.load(engines_on, backend="torch") as rt:
+        want = rt.generate(PROMPT, SECONDS, seed=5, **FAST).waveform
+    got = runtime_on.generate(PROMPT, SECONDS, seed=5, **FAST).waveform
+    assert np.abs(want).max() > 1e-3
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_litefocus_changes_the_audio(engines_on, engines_off, runtime_on):
+    with Runtime.load(engines_off) as rt:
+        off = rt.generate(PROMPT, SECONDS, seed=5, **FAST).waveform
+    assert np.abs(runtime_on.generate(PROMPT, SECONDS, seed=5, **FAST).waveform - off).max() > 1e-4
+
+
+def test_seeds(runtime_on):
+    a = runtime_on.generate(PROMPT, SECONDS, seed=7, **FAST)
+    b = runtime_on.generate(PROMPT, SECONDS, seed=7, **FAST)
+    c = runtime_on.generate(PROMPT, SECONDS, seed=8, **FAST)
+    assert np.array_equal(a.waveform, b.waveform)
+    assert np.abs(a.waveform - c.waveform).max() > 1e-4
+    assert a.bucket == "0p64s-fp32" and a.sample_rate == 16000 and a.waveform.dtype == np.float32
+    assert set(a.timings) >= {"conditioning", "denoise", "decode"}
+
+
+def test_crops_to_exact_length_on_a_longer_bucket(runtime_on):
+    audio = runtime_on.generate(PROMPT, 7, seed=0, steps=2, progress=False)
+    assert audio.bucket == "10p24s-fp32"
+    assert audio.waveform.shape == (112000,)
+
+
+def test_threads_get_the_audio_they_would_get_alone(runtime_on):
+    seeds = [11, 12, 13, 14, 15, 16]
+    alone = {s: runtime_on.generate(PROMPT, SECONDS, seed=s, **FAST).waveform for s in seeds}
+    got, errors = {}, []
+
+    def worker(mine):
+        try:
+            for s in mine:
+                got[s] = runtime_on.generate(PROMPT, SECONDS, seed=s, **FAST).waveform
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(seeds[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(np.array_equal(got[s], alone[s]) for s in seeds)
+
+
+def test_loading_twice_in_one_process(engines_on):
+    with Runtime.load(engines_on) as a, Runtime.load(engines_on) as b:
+        assert np.array_equal(
+            a.generate(PROMPT, SECONDS, seed=2, **FAST).waveform,
+            b.generate(PROMPT, SECONDS, seed=2, **FAST).waveform,
+        )
+
+
+def test_long_prompt_is_truncated_with_a_warning(runtime_on, caplog):
+    long = " ".join(["dog barks"] * 20)
+    with caplog.at_level("WARNING"):
+        runtime_on.generate(long, SECONDS, seed=0, **FAST)
+    assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"prompt": ""}, "prompt must be a non-empty string"),
+        ({"prompt": 3}, "prompt must be a non-empty string"),
+        ({"seconds": 0}, "seconds must be a positive finite number"),
+        ({"seconds": float("nan")}, "seconds must be a positive finite number"),
+        ({"seconds": 30}, r"longer than the largest bucket .*0.64 s, 10.24 s.*litefocus-export --seconds 30"),
+        ({"steps": 0}, "steps must be an int >= 1"),
+        ({"guidance_scale": 0.5}, "guidance_scale must be a number >= 1"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a number >= 1"),
+        ({"scheduler": "euler"}, "unknown scheduler 'euler'"),
+    ],
+)
+def test_bad_generate_arguments(runtime_on, kwargs, match):
+    args = {"prompt": PROMPT, "seconds": SECONDS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        runtime_on.generate(args.pop("prompt"), args.pop("seconds"), progress=False, **args)
+
+
+def test_bad_engine_directories(engines_on, tmp_path):
+    with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
+        Runtime.load(engines_on, backend="tensorflow")
+    with pytest.raises(ValueError, match="does not exist"):
+        Runtime.load(tmp_path / "nope")
+    with pytest.raises(ValueError, match="not an engine directory"):
+        Runtime.load(tmp_path)
+    bad = tmp_path / "schema"
+    shutil.copytree(engines_on, bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema version 99"):
+        Runtime.load(bad)
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_tampered_engine_file_is_refused(engines_on, tmp_path, damage):
+    copy = tmp_path / "engines"
+    shutil.copytree(engines_on, copy)
+    target = copy / "0p64s-fp32" / "unet.onnx.data"
+    if damage == "flip":
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    with Runtime.load(copy) as rt, pytest.raises(ValueError, match="failed verification.*unet.onnx.data"):
+        rt.generate(PROMPT, SECONDS, seed=0, **FAST)
+
+
+def test_random_weight_engines_have_no_text_encoders(engines_on, tmp_path):
+    copy = tmp_path / "engines"
+    shutil.copytree(engines_on, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["source"] = "random:audioldm2:0"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with Runtime.load(copy) as rt, pytest.raises(ValueError, match="generate_from_conditioning"):
+        rt.generate(PROMPT, SECONDS, seed=0, **FAST)
+
+
+def test_generate_cli_writes_a_wav(engines_on, tmp_path, capsys):
+    out = tmp_path / "dog.wav"
+    assert (
+        generate_cli.main(
+            [
+                PROMPT,
+                "--seconds",
+                "0.5",
+                "--engines",
+                str(engines_on),
+                "-o",
+                str(out),
+                "--seed",
+                "3",
+                "--steps",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    data, rate = sf.read(out)
+    assert rate == 16000 and data.shape == (8000,) and sf.info(out).subtype == "PCM_16"
+    assert "0p64s-fp32" in capsys.readouterr().out
+    assert (
+        generate_cli.main(
+            [
+                PROMPT,
+                "--seconds",
+                "0.5",
+                "--engines",
+                str(engines_on),
+                "-o",
+                str(out),
+                "--steps",
+                "2",
+                "--float",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert sf.info(out).subtype == "FLOAT"
+
+
+def test_generate_cli_bad_output_dir(engines_on, tmp_path, capsys):
+    assert (
+        generate_cli.main(
+            [
+                PROMPT,
+                "--seconds",
+                "0.5",
+                "--engines",
+                str(engines_on),
+                "-o",
+                str(tmp_path / "no" / "x.wav"),
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/*.wav"))
