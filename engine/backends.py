@@ -19,16 +19,17 @@ logger = logging.getLogger(__name__)
 class TorchBackend:
     """A PyTorch module that takes the contract's inputs positionally (UNetExportModule, DecodeModule).
 
-    Calls are serialized with a lock: the LiteFocus handle routes indices through shared state.
+    Calls are serialized with ``lock``: the LiteFocus handle routes indices through state shared by
+    every module built on the same UNet, so pass those modules one shared lock.
     """
 
     name = "torch"
 
-    def __init__(self, module: torch.nn.Module, contract, device: torch.device | str = "cpu"):
+    def __init__(self, module: torch.nn.Module, contract, device: torch.device | str = "cpu", lock=None):
         self.module = module.eval()
         self.contract = contract
         self.device = torch.device(device)
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         args = [inputs[name].to(self.device) for name in self.contract.input_names]

@@ -124,6 +124,7 @@ def write_manifest(engine_dir: Path, manifest: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=engine_dir)
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the manifest from the serving user
             json.dump(manifest, f, indent=1, sort_keys=False)
             f.write("\n")
         os.replace(tmp, engine_dir / MANIFEST)

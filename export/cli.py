@@ -115,7 +115,14 @@ def options_from_args(args: argparse.Namespace):
                 sparse_ratio=args.sparse_ratio, index_mode=args.index_mode, seed=args.litefocus_seed
             )
         except ValueError as e:
-            raise UsageError(str(e).replace("LiteFocusConfig.sparse_ratio", "--sparse-ratio")) from None
+            msg = str(e)
+            for field, flag in (
+                ("sparse_ratio", "--sparse-ratio"),
+                ("seed", "--litefocus-seed"),
+                ("index_mode", "--index-mode"),
+            ):
+                msg = msg.replace(f"LiteFocusConfig.{field}", flag)
+            raise UsageError(msg) from None
     model = None if args.random_weights else (args.model or "cvssp/audioldm2")
     if model is not None:
         path = Path(model).expanduser()
@@ -190,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # user errors found while loading / preparing the output directory
         print(f"litefocus-export: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # e.g. the hub is unreachable
-        print(f"litefocus-export: export failed: {e}", file=sys.stderr)
+    except (RuntimeError, OSError) as e:  # the hub is unreachable, the disk is full, ...
+        print(f"litefocus-export: export failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print_table(rows, opts.out)
     return 0

@@ -53,6 +53,9 @@ class UNetExportModule(torch.nn.Module):
             cursor = dict.fromkeys(by_level, 0)
             rows = []
             for f in self.handle.freq_bins:  # layer order
+                if f not in by_level:  # a level whose sample is empty at this bucket (S = 0)
+                    rows.append(torch.zeros(0, dtype=torch.int32))
+                    continue
                 rows.append(by_level[f][cursor[f]])
                 cursor[f] += 1
             self.handle.set_indices(rows)

@@ -8,6 +8,8 @@ entry behind. An entry whose cache key and files match is reused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import shutil
 import tempfile
@@ -27,6 +29,7 @@ from litefocus.export.contract import DecodeContract, UNetContract
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx
 from litefocus.export.validate import validate
 from litefocus.install import self_attention_freq_bins
+from litefocus.models import random_source
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +73,13 @@ class Components:
 
     def __init__(self, opts: ExportOptions):
         self.opts = opts
-        self._unet = self._vae = self._vocoder = self.handle = None
+        self._models = None
         self.identity = self._identity()
 
     def _identity(self) -> dict:
         o = self.opts
         if o.random_preset is not None:
-            return {"source": f"random:{o.random_preset}:{o.weights_seed}", "weights_sha256": None}
+            return {"source": random_source(o.random_preset, o.weights_seed), "weights_sha256": None}
         path = Path(str(o.model)).expanduser()
         if path.is_dir():
             files = sorted(
@@ -89,43 +92,28 @@ class Components:
     def weights_identity(self) -> dict:
         """The identity with a weight hash; a hub model is loaded (and hashed) for it."""
         if self.identity["weights_sha256"] is None and self.opts.random_preset is None:
-            digest = mf.json_sha256([state_dict_sha256(m) for m in (self.unet(), *self.decode_parts())])
-            self.identity["weights_sha256"] = digest
+            unet, _, vae, vocoder = self.models()
+            self.identity["weights_sha256"] = mf.json_sha256(
+                [state_dict_sha256(m) for m in (unet, vae, vocoder)]
+            )
         return self.identity
 
-    def unet(self):
-        if self._unet is None:
-            from litefocus import models
+    def models(self) -> tuple:
+        """(unet with LiteFocus installed, handle or None, vae, vocoder) in the export precision."""
+        if self._models is None:
+            from litefocus.models import load_components
 
-            o = self.opts
-            if o.random_preset is not None:
-                unet = models.random_unet(o.random_preset, o.weights_seed)
-            else:
-                unet = models.load_unet(o.model)
-            if o.litefocus is not None:
-                self.handle = litefocus.install(unet, o.litefocus)
-            self._unet = unet.to(torch.float16) if o.precision == "fp16" else unet
-        return self._unet
-
-    def decode_parts(self) -> tuple:
-        """(vae, vocoder) in the export precision."""
-        if self._vae is None:
-            from litefocus import models
-
-            o = self.opts
-            if o.random_preset is not None:
-                vae, vocoder = models.random_vae(o.weights_seed), models.random_vocoder(o.weights_seed)
-            else:
-                vae, vocoder = models.load_vae(o.model), models.load_vocoder(o.model)
-            if o.precision == "fp16":
-                vae, vocoder = vae.to(torch.float16), vocoder.to(torch.float16)
-            self._vae, self._vocoder = vae.eval(), vocoder.eval()
-        return self._vae, self._vocoder
+            dtype = torch.float16 if self.opts.precision == "fp16" else torch.float32
+            unet, vae, vocoder = load_components(self.identity["source"], dtype=dtype)
+            handle = litefocus.install(unet, self.opts.litefocus) if self.opts.litefocus is not None else None
+            self._models = (unet, handle, vae, vocoder)
+        return self._models
 
     def decode(self, contract: DecodeContract):
         from litefocus.export.decode import DecodeModule
 
-        return DecodeModule.for_contract(*self.decode_parts(), contract).eval()
+        _, _, vae, vocoder = self.models()
+        return DecodeModule.for_contract(vae, vocoder, contract).eval()
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -162,7 +150,14 @@ def attention_expectations(bucket: Bucket, config: LiteFocusConfig | None, layer
 
 
 def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
-    """Hash of everything that shapes an entry's artifacts (the contracts follow from these)."""
+    """Hash of everything that shapes an entry's artifacts (the contracts follow from these).
+
+    TensorRT engines are tied to one TensorRT version and GPU: those join the key when built."""
+    target = None
+    if opts.backend == "tensorrt":
+        from litefocus.export.tensorrt_build import current_target
+
+        target = current_target()
     return mf.json_sha256(
         {
             "schema": mf.SCHEMA_VERSION,
@@ -172,6 +167,7 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
             "opset": OPSET,
             "litefocus": None if opts.litefocus is None else opts.litefocus.to_dict(),
             "backend": opts.backend,
+            "tensorrt_target": target,
             "frames": bucket.frames,
             "batch": opts.batch,
             "text_len": opts.text_len,
@@ -240,14 +236,15 @@ def _prepare_out(out: Path) -> None:
         raise ValueError(
             f"--out {out} is not writable ({e.strerror}); pass a directory you can write to"
         ) from None
-    for stale in out.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _install_entry(out: Path, name: str, tmp: Path) -> None:
     """Swap the finished temporary directory into place (replacing an older build)."""
     final = out / name
     old = out / f".tmp-old-{name}"
+    tmp.chmod(0o755)  # mkdtemp makes 0700: engines are shared with the serving user
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -265,18 +262,50 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     _prepare_out(out)
     components = Components(opts)
     config = None if opts.litefocus is None else opts.litefocus.to_dict()
-    manifest = (
-        mf.read_manifest(out) if mf.is_engine_dir(out) else mf.new_manifest(components.identity, config)
-    )
-    if manifest["model"]["source"] != components.identity["source"] or manifest["litefocus"] != config:
-        if not opts.force:
+    with _locked(out):
+        manifest = _open_manifest(out, components.weights_identity(), config, opts.force)
+        return _export_buckets(out, opts, components, manifest)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """One export at a time per engine directory (a second one waits)."""
+    with open(out / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) -> dict:
+    """The directory's manifest, or a new one (with --force, replacing another model's or a broken one)."""
+    for stale in out.glob(".tmp-*"):  # leftovers of killed runs (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        manifest = mf.read_manifest(out) if mf.is_engine_dir(out) else None
+    except mf.ManifestError:
+        if not force:
+            raise
+        manifest = None
+    if manifest is not None and (manifest["model"] != identity or manifest["litefocus"] != config):
+        if not force:
             raise ValueError(
-                f"--out {out} holds engines of model {manifest['model']['source']} with LiteFocus "
-                f"{manifest['litefocus']}; pass another --out, or --force to replace them"
+                f"--out {out} holds engines of model {manifest['model']['source']} (weights "
+                f"{str(manifest['model']['weights_sha256'])[:12]}) with LiteFocus {manifest['litefocus']}; pass "
+                "another --out, or --force to replace them"
             )
-        for name in list(manifest["entries"]):
-            shutil.rmtree(out / name, ignore_errors=True)
-        manifest = mf.new_manifest(components.identity, config)
+        manifest = None
+    if manifest is None:
+        manifest = mf.new_manifest(identity, config)
+        mf.write_manifest(out, manifest)  # first, so the manifest never lists a deleted folder
+        for stale in out.iterdir():
+            if stale.is_dir() and not stale.name.startswith("."):
+                shutil.rmtree(stale, ignore_errors=True)
+    return manifest
+
+
+def _export_buckets(out: Path, opts: ExportOptions, components: Components, manifest: dict):
     # one entry per latent length: of several requests that share it, keep the longest
     by_frames = {b.frames: b for b in sorted(map(Bucket.for_seconds, opts.seconds), key=lambda b: b.seconds)}
     buckets = [by_frames[f] for f in sorted(by_frames)]
@@ -285,7 +314,7 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     with tqdm(total=stages * len(buckets), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
         for bucket in buckets:
             name = entry_name(bucket, opts.precision)
-            key = cache_key(opts, components.weights_identity(), bucket)
+            key = cache_key(opts, components.identity, bucket)
             old = manifest["entries"].get(name)
             if not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old):
                 logger.info("%s: cached (key %s)", name, key[:12])
@@ -302,9 +331,8 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
     try:
         bar.set_description(f"{name} load")
-        unet = components.unet()
+        unet, handle, _, _ = components.models()
         contract = unet_contract(bucket, opts, unet)
-        handle = components.handle
         layer_bins = handle.freq_bins if handle else list(self_attention_freq_bins(unet).values())
         bar.set_description(f"{name} unet")
         unet_rec = _module_stages(
@@ -332,6 +360,7 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
             "backend": opts.backend,
             "modules": {"unet": unet_rec, "decode": decode_rec},
             "build_seconds": time.perf_counter() - t0,
+            "versions": mf.library_versions(),
         }
         for rec in entry["modules"].values():
             _rebase(rec, tmp.name, name)
@@ -341,7 +370,6 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
         raise
     manifest["entries"][name] = entry
     manifest["versions"] = mf.library_versions()
-    manifest["model"] = components.identity
     mf.write_manifest(out, manifest)
     return entry
 

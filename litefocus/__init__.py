@@ -6,12 +6,14 @@ litefocus.uninstall(pipe.unet)
 """
 
 from litefocus.attention import litefocus_attention, reference_litefocus_attention
+from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.install import LiteFocusHandle, get_handle, install, uninstall
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bucket",
     "LiteFocusConfig",
     "LiteFocusHandle",
     "get_handle",

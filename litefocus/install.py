@@ -92,7 +92,7 @@ class LiteFocusHandle:
         self._unet = unet
         self._generator = torch.Generator().manual_seed(config.seed)
         self._indices: list[torch.Tensor] | None = None
-        self._indices_max: int | None = None
+        self._indices_max: list[int] | None = None
         self._fixed: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self._originals: dict[str, object] = {}
         self._hook = None
@@ -137,15 +137,16 @@ class LiteFocusHandle:
         for r in rows:
             if r.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"set_indices: indices must be int32 or int64, got {r.dtype}")
-        hi = None
+        row_max = None  # per layer: each is checked against that layer's own token count
         if not is_tracing():
-            nonempty = [r for r in rows if r.numel()]
-            if nonempty:
-                lo = min(int(r.min()) for r in nonempty)
-                if lo < 0:
-                    raise ValueError(f"set_indices: negative index {lo}; indices address tokens 0..N-1")
-                hi = max(int(r.max()) for r in nonempty)
-        self._indices, self._indices_max = rows, hi
+            lo = min((int(r.min()) for r in rows if r.numel()), default=0)
+            if lo < 0:
+                raise ValueError(f"set_indices: negative index {lo}; indices address tokens 0..N-1")
+            if isinstance(indices, torch.Tensor) and indices.numel():
+                row_max = indices.amax(dim=1).tolist()  # one device sync for all layers
+            else:
+                row_max = [int(r.max()) if r.numel() else -1 for r in rows]
+        self._indices, self._indices_max = rows, row_max
 
     def layer_indices(self, layer: int, n_tokens: int, device: torch.device) -> torch.Tensor | None:
         """The global sample for one call of ``layer`` over ``n_tokens`` tokens (None: no global part)."""
@@ -166,9 +167,10 @@ class LiteFocusHandle:
                     f"LiteFocus on {name}: set_indices gave {idx.shape[0]} indices, but this layer sees "
                     f"{n_tokens} tokens and needs S = floor({self.config.sparse_ratio} * {n_tokens}) = {num}"
                 )
-            if self._indices_max is not None and self._indices_max >= n_tokens:
+            if self._indices_max is not None and self._indices_max[layer] >= n_tokens:
                 raise ValueError(
-                    f"LiteFocus on {name}: set_indices holds index {self._indices_max}, outside [0, {n_tokens})"
+                    f"LiteFocus on {name}: set_indices holds index {self._indices_max[layer]}, outside "
+                    f"[0, {n_tokens})"
                 )
             return idx.to(device)
         if self.config.index_mode == "fixed":

@@ -203,3 +203,30 @@ def load_vocoder(
 ):
     """Load the AudioLDM2 vocoder (``vocoder/`` of a pipeline directory, that folder, or a hub id)."""
     return _load(VOCODER, source, dtype, device)
+
+
+def random_source(preset: str, seed: int) -> str:
+    """The model identity of seeded random weights, as recorded in engine manifests."""
+    return f"random:{preset}:{seed}"
+
+
+def load_components(
+    source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+):
+    """(unet, vae, vocoder) of a hub id, a local directory or ``random:<preset>:<seed>``."""
+    if source.startswith("random:"):
+        try:
+            _, preset, seed = source.split(":")
+            seed = int(seed)
+        except ValueError:
+            raise ValueError(f"bad random model source {source!r}; expected random:<preset>:<seed>") from None
+        return (
+            random_unet(preset, seed, dtype=dtype, device=device),
+            random_vae(seed, dtype=dtype, device=device),
+            random_vocoder(seed, dtype=dtype, device=device),
+        )
+    return (
+        load_unet(source, dtype=dtype, device=device),
+        load_vae(source, dtype=dtype, device=device),
+        load_vocoder(source, dtype=dtype, device=device),
+    )

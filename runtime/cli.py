@@ -30,13 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (>= 1)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
     p.add_argument("--float", action="store_true", help="32-bit float WAV instead of 16-bit PCM")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
 
+def check_output_path(path: Path) -> None:
+    """Fail before the (long) generation when the WAV cannot be written there."""
+    import tempfile
+
+    if path.is_dir():
+        raise ValueError(f"-o {path} is a directory; pass a file name such as {path / 'out.wav'}")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"-o {path}: directory {path.parent} does not exist; create it or choose another path"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"-o {path}: cannot write in {path.parent} ({e.strerror})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.runtime import Runtime, write_wav
 
     args = build_parser().parse_args(argv)
@@ -44,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
-        if not args.output.parent.is_dir():
-            raise ValueError(f"-o {args.output}: directory {args.output.parent} does not exist")
+        check_output_path(args.output)
         with Runtime.load(args.engines, backend=args.backend) as rt:
             audio = rt.generate(
                 args.prompt,
@@ -61,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"litefocus-generate: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        print(f"litefocus-generate: failed: {e}", file=sys.stderr)
+    except TensorRTNotInstalled as e:
+        print(f"litefocus-generate: error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:
+        print(f"litefocus-generate: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     times = ", ".join(f"{k} {v:.2f} s" for k, v in audio.timings.items())
     print(

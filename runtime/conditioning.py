@@ -88,17 +88,31 @@ class TextConditioner:
                 "use Runtime.generate_from_conditioning with precomputed conditioning"
             ) from None
 
-    def __call__(self, prompt: str, negative_prompt: str | None = None, guided: bool = True) -> Conditioning:
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        guided: bool = True,
+        max_text_len: int | None = None,
+    ) -> Conditioning:
+        """``max_text_len``: the engine's T5 length; longer prompts are truncated (with diffusers' warning)."""
         from diffusers import AudioLDM2Pipeline
 
+        tok = self._ns.tokenizer_2
         with self._lock, torch.inference_mode():
-            t5, mask, gpt2 = AudioLDM2Pipeline.encode_prompt(
-                self._ns,
-                prompt,
-                torch.device("cpu"),
-                1,
-                guided,
-                negative_prompt=negative_prompt,
-                max_new_tokens=GPT2_TOKENS,
-            )
+            limit = tok.model_max_length
+            if max_text_len is not None:
+                tok.model_max_length = min(limit, max_text_len)
+            try:
+                t5, mask, gpt2 = AudioLDM2Pipeline.encode_prompt(
+                    self._ns,
+                    prompt,
+                    torch.device("cpu"),
+                    1,
+                    guided,
+                    negative_prompt=negative_prompt,
+                    max_new_tokens=GPT2_TOKENS,
+                )
+            finally:
+                tok.model_max_length = limit
         return Conditioning(gpt2=gpt2.float(), t5=t5.float(), t5_mask=mask)

@@ -24,7 +24,7 @@ from litefocus.runtime.sampling import SCHEDULERS, Conditioning, denoise, initia
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "onnxruntime", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 
 def _contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
@@ -68,8 +68,9 @@ class Runtime:
         if not self.entries:
             raise ValueError(f"{engine_dir} has no engines; export some with litefocus-export --seconds ...")
         self._lock = threading.Lock()
+        self._torch_lock = threading.Lock()  # one UNet + LiteFocus handle is shared by every bucket
         self._open: dict[str, tuple] = {}
-        self._models = None  # torch fallback: (unet export module factory state)
+        self._models: dict[torch.dtype, tuple] = {}  # torch backend: (unet, handle, vae, vocoder) per dtype
         self._text = None
 
     # ---- loading -----------------------------------------------------------------------------
@@ -84,8 +85,11 @@ class Runtime:
         if not engine_dir.is_dir():
             raise ValueError(f"engine directory {engine_dir} does not exist; create it with litefocus-export")
         manifest = mf.read_manifest(engine_dir)
-        if backend == "auto":
-            backend = "onnxruntime"
+        _warn_on_version_drift(manifest)
+        if backend == "tensorrt":
+            from litefocus.export.tensorrt_build import require_tensorrt
+
+            require_tensorrt()  # TensorRTNotInstalled names the package to install
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return cls(engine_dir, manifest, backend, dev)
 
@@ -95,7 +99,7 @@ class Runtime:
                 unet.close()
                 decode.close()
             self._open.clear()
-            self._models = self._text = None
+            self._models, self._text = {}, None
 
     def __enter__(self) -> Runtime:
         return self
@@ -137,58 +141,86 @@ class Runtime:
                 self._open[name] = (*self._backends(name, entry, unet_c, decode_c), unet_c, decode_c)
             return self._open[name]
 
+    def _resolve_backend(self, name: str, entry: dict) -> str:
+        """auto: TensorRT where this entry has engines and the machine can run them, else ONNX Runtime.
+        tensorrt: an entry without TensorRT engines falls back to the PyTorch reference."""
+        if self.backend not in ("auto", "tensorrt"):
+            return self.backend
+        from litefocus.export.tensorrt_build import tensorrt_available
+
+        has_plans = all("plan" in entry["modules"][m]["files"] for m in ("unet", "decode"))
+        if has_plans and tensorrt_available() and torch.cuda.is_available():
+            if self.backend == "tensorrt":
+                return "tensorrt"  # TensorRTBackend refuses engines of another TensorRT / GPU, saying why
+            from litefocus.engine.tensorrt_backend import check_engine_target
+
+            try:
+                check_engine_target(entry["modules"]["unet"]["tensorrt"])
+                return "tensorrt"
+            except ValueError as e:
+                logger.warning("%s: %s; using ONNX Runtime", name, e)
+        if self.backend == "tensorrt":
+            logger.warning("%s has no TensorRT engine for this machine: running it in PyTorch", name)
+            return "torch"
+        return "onnxruntime"
+
     def _backends(self, name, entry, unet_c, decode_c):
         from litefocus.engine.backends import OnnxRuntimeBackend, TorchBackend
 
-        if self.backend == "onnxruntime":
-            files = {
-                m: self.engine_dir / entry["modules"][m]["files"]["onnx"]["path"] for m in ("unet", "decode")
-            }
-            return OnnxRuntimeBackend(files["unet"], unet_c), OnnxRuntimeBackend(files["decode"], decode_c)
+        backend = self._resolve_backend(name, entry)
+        modules = entry["modules"]
+        if backend == "tensorrt":
+            from litefocus.engine.tensorrt_backend import TensorRTBackend
+
+            return tuple(
+                TensorRTBackend(
+                    self.engine_dir / modules[m]["files"]["plan"]["path"], c, modules[m]["tensorrt"]
+                )
+                for m, c in (("unet", unet_c), ("decode", decode_c))
+            )
+        if backend == "onnxruntime":
+            return tuple(
+                OnnxRuntimeBackend(self.engine_dir / modules[m]["files"]["onnx"]["path"], c)
+                for m, c in (("unet", unet_c), ("decode", decode_c))
+            )
         from litefocus.export.decode import DecodeModule
         from litefocus.export.onnx_export import UNetExportModule
 
-        unet, handle, vae, vocoder = self._torch_models()
+        unet, handle, vae, vocoder = self._torch_models(unet_c.inputs[0].torch_dtype)
+        lock = self._torch_lock
         return (
-            TorchBackend(UNetExportModule(unet, unet_c, handle), unet_c, self.device),
-            TorchBackend(DecodeModule.for_contract(vae, vocoder, decode_c), decode_c, self.device),
+            TorchBackend(UNetExportModule(unet, unet_c, handle), unet_c, self.device, lock),
+            TorchBackend(DecodeModule.for_contract(vae, vocoder, decode_c), decode_c, self.device, lock),
         )
 
-    def _torch_models(self):
-        """The PyTorch reference models of the manifest's source (loaded once)."""
-        if self._models is None:
+    def _torch_models(self, dtype: torch.dtype):
+        """The PyTorch reference models of the manifest's source, with LiteFocus (once per dtype)."""
+        if dtype not in self._models:
             import litefocus
-            from litefocus import models
+            from litefocus.models import load_components
 
-            source = self.manifest["model"]["source"]
-            if source.startswith("random:"):
-                _, preset, seed = source.split(":")
-                unet, vae, vocoder = (
-                    models.random_unet(preset, int(seed)),
-                    models.random_vae(int(seed)),
-                    models.random_vocoder(int(seed)),
-                )
-            else:
-                unet, vae, vocoder = (
-                    models.load_unet(source),
-                    models.load_vae(source),
-                    models.load_vocoder(source),
-                )
-            handle = litefocus.install(unet, self.config) if self.config is not None else None
-            self._models = tuple(
-                m.to(self.device) if isinstance(m, torch.nn.Module) else m
-                for m in (unet, handle, vae, vocoder)
+            unet, vae, vocoder = load_components(
+                self.manifest["model"]["source"], dtype=dtype, device=self.device
             )
-        return self._models
+            handle = litefocus.install(unet, self.config) if self.config is not None else None
+            self._models[dtype] = (unet, handle, vae, vocoder)
+        return self._models[dtype]
 
     def scheduler_config(self) -> dict:
         import json
         from importlib import resources
 
-        source = Path(self.manifest["model"]["source"])
-        path = source / "scheduler" / "scheduler_config.json"
+        source = self.manifest["model"]["source"]
+        path = Path(source) / "scheduler" / "scheduler_config.json"
         if path.is_file():
             return json.loads(path.read_text())
+        if not source.startswith("random:"):  # a hub model: its own scheduler config
+            from diffusers import DDIMScheduler
+
+            try:
+                return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+            except OSError as e:
+                logger.warning("no scheduler config for %s (%s); using AudioLDM2's DDIM defaults", source, e)
         return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())
 
     # ---- generation --------------------------------------------------------------------------
@@ -225,9 +257,12 @@ class Runtime:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {negative_prompt!r}")
         _check_options(steps, guidance_scale, scheduler, seed)
-        self.bucket_for(seconds)  # fail fast, before the text encoders run
+        name = self.bucket_for(seconds)  # fail fast, before the text encoders run
+        text_len = self.entries[name]["modules"]["unet"]["contract"]["text_len"]
         t0 = time.perf_counter()
-        cond = self.text_conditioner()(prompt, negative_prompt, guided=guidance_scale > 1.0)
+        cond = self.text_conditioner()(
+            prompt, negative_prompt, guided=guidance_scale > 1.0, max_text_len=text_len
+        )
         t_cond = time.perf_counter() - t0
         audio = self.generate_from_conditioning(
             cond,
@@ -258,17 +293,21 @@ class Runtime:
         t0 = time.perf_counter()
         unet, decode, unet_c, decode_c = self._engines(name)
         guided = guidance_scale > 1.0
-        if cond.batch != unet_c.batch or (not guided and unet_c.batch != 1 and cond.batch != unet_c.batch):
+        prompts = max(1, unet_c.batch // 2)  # CFG engines take [unconditional, conditional] per prompt
+        if guided and unet_c.batch == 1:
+            raise ValueError("this engine was exported with --batch 1 (no guidance): use guidance_scale=1")
+        if cond.batch not in (prompts, 2 * prompts) or (guided and cond.batch != 2 * prompts):
             raise ValueError(
-                f"conditioning batch {cond.batch} does not match the engine's batch {unet_c.batch}"
+                f"conditioning has batch {cond.batch}; this engine takes {prompts} prompt(s): batch "
+                f"{2 * prompts} with guidance ([unconditional, conditional]) or {prompts} without"
             )
         cond = _pad_text(cond, unet_c.text_len)
+        if cond.batch < unet_c.batch:  # unguided on a CFG engine: run the pair, keep one half
+            cond = Conditioning(*(torch.cat([x, x]) for x in (cond.gpt2, cond.t5, cond.t5_mask)))
         seed = secrets.randbits(63) if seed is None else seed
         generator = torch.Generator().manual_seed(seed)
         sched = make_scheduler(scheduler, self.scheduler_config())
-        latents = initial_latents(
-            (unet_c.batch // (2 if guided else 1), *unet_c.bucket.latent_shape), generator, sched
-        )
+        latents = initial_latents((prompts, *unet_c.bucket.latent_shape), generator, sched)
         specs = {
             index_input_name(f): (layers, unet_c.bucket.num_global(self.config, f), unet_c.bucket.tokens(f))
             for f, layers in unet_c.index_levels
@@ -296,6 +335,22 @@ class Runtime:
             seconds=seconds,
             bucket=name,
             timings={"setup": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2},
+        )
+
+
+def _warn_on_version_drift(manifest: dict) -> None:
+    """ONNX graphs stay valid across these libraries' releases, so drift is a warning, not an error
+    (TensorRT engines, which are tied to one version and GPU, are checked per engine)."""
+    now = mf.library_versions()
+    drift = [
+        f"{k} {v} -> {now.get(k)}"
+        for k, v in manifest.get("versions", {}).items()
+        if k in ("litefocus", "onnx", "onnxruntime", "torch") and v != now.get(k)
+    ]
+    if drift:
+        logger.warning(
+            "engines were exported with other library versions (%s); re-export if results differ",
+            ", ".join(drift),
         )
 
 

@@ -53,8 +53,8 @@ def initial_latents(shape: tuple[int, ...], generator: torch.Generator, schedule
 def draw_step_indices(index_specs: dict[str, tuple[int, int, int]], generator: torch.Generator) -> dict:
     """One step's LiteFocus global samples: name -> int32 [layers, S], rows drawn layer by layer.
 
-    ``index_specs``: input name -> (layers, S, N). Drawn in the same order as the PyTorch processors
-    draw them, so a seeded engine run reproduces the PyTorch path.
+    ``index_specs``: input name -> (layers, S, N). With one LiteFocus level this is the order in which
+    the PyTorch processors draw their own samples; every backend gets these same indices.
     """
     out = {}
     for name, (layers, s, n) in index_specs.items():

@@ -28,6 +28,12 @@ def test_buckets_pad_to_a_multiple_of_8(seconds, frames, exact, tokens8, s):
     assert b.grid(4) == (frames // 4, 4) and b.grid(2) == (frames // 8, 2)
 
 
+def test_bucket_is_public():
+    import litefocus
+
+    assert litefocus.Bucket is Bucket
+
+
 def test_bucket_dict_is_json_ready():
     d = Bucket.for_seconds(80).to_dict(LiteFocusConfig())
     assert d["num_global"] == {"8": 800} and d["tokens"] == {"8": 8000, "4": 2000, "2": 500}

@@ -1,12 +1,12 @@
 """litefocus-export end to end on a tiny random AudioLDM2 saved as a diffusers directory."""
 
+import importlib.metadata
 import json
 import shutil
 
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from litefocus.buckets import Bucket
 from litefocus.engine import manifest as mf
@@ -41,7 +41,8 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
     assert manifest["model"]["source"] == str(model_dir.resolve())
     assert len(manifest["model"]["weights_sha256"]) == 64
     assert manifest["litefocus"]["sparse_ratio"] == 0.1
-    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0] or manifest["versions"]["torch"]
+    assert manifest["versions"]["torch"] == importlib.metadata.version("torch")
+    assert manifest["versions"]["onnxruntime"] == importlib.metadata.version("onnxruntime")
     assert sorted(manifest["entries"]) == ["0p32s-fp32", "0p64s-fp32"]
     for name, entry in manifest["entries"].items():
         assert not mf.verify_entry(exported, entry)
@@ -98,8 +99,47 @@ def test_failure_mid_export_leaves_no_entry(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "validate", broken)
     out = tmp_path / "engines"
     assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 1
-    assert not mf.is_engine_dir(out)
-    assert [p.name for p in out.iterdir()] == []
+    assert mf.read_manifest(out)["entries"] == {}
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["manifest.json"]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_failure_in_a_later_bucket_keeps_the_earlier_one(model_dir, tmp_path, monkeypatch):
+    real = pipeline.validate
+    calls = []
+
+    def fails_on_second_bucket(graph, module, contract, **kw):
+        calls.append(contract.bucket.frames)
+        if contract.bucket.frames == 16:
+            raise RuntimeError("injected failure")
+        return real(graph, module, contract, **kw)
+
+    monkeypatch.setattr(pipeline, "validate", fails_on_second_bucket)
+    out = tmp_path / "engines"
+    assert cli.main(["--seconds", *SECONDS, "--model", str(model_dir), "--out", str(out), *FAST]) == 1
+    manifest = mf.read_manifest(out)
+    assert list(manifest["entries"]) == ["0p32s-fp32"]
+    assert not mf.verify_entry(out, manifest["entries"]["0p32s-fp32"])
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "0p32s-fp32",
+        "manifest.json",
+    ]
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_force_replaces_a_broken_or_foreign_manifest(exported, model_dir, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(exported, out)
+    args = ["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]
+    assert cli.main([*args, "--sparse-ratio", "0.2"]) == 2  # another LiteFocus config: refused
+    assert "--force to replace them" in capsys.readouterr().err
+    (out / "manifest.json").write_text("{not json")
+    assert cli.main(args) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert cli.main([*args, "--force", "--sparse-ratio", "0.2"]) == 0
+    manifest = mf.read_manifest(out)
+    assert manifest["litefocus"]["sparse_ratio"] == 0.2 and list(manifest["entries"]) == ["0p32s-fp32"]
+    assert not (out / "0p64s-fp32").exists()  # the old model's other bucket is gone with it
 
 
 def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):

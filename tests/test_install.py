@@ -210,3 +210,22 @@ def test_uninstall_when_not_installed(tiny_unet):
 def test_config_must_be_a_config(tiny_unet):
     with pytest.raises(ValueError, match="LiteFocusConfig"):
         litefocus.install(tiny_unet, {"sparse_ratio": 0.1})
+
+
+def test_set_indices_with_two_levels_checks_each_layer_against_its_own_tokens(tiny_unet):
+    handle = litefocus.install(tiny_unet, LiteFocusConfig(freq_bins=(8, 4)))
+    n4 = (FRAMES // 4) * 4
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        draw_global_indices(g, N8 if f == 8 else n4, handle.num_global(N8 if f == 8 else n4))
+        for f in handle.freq_bins
+    ]
+    handle.manual_seed(0)
+    internal = run(tiny_unet)
+    handle.set_indices(rows)
+    assert torch.equal(run(tiny_unet), internal)  # same draws in layer order, levels interleaved
+    bad = list(rows)
+    bad[handle.freq_bins.index(4)] = torch.full_like(rows[handle.freq_bins.index(4)], n4)
+    handle.set_indices(bad)
+    with pytest.raises(ValueError, match=f"outside \\[0, {n4}\\)"):
+        run(tiny_unet)

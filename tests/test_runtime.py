@@ -143,25 +143,35 @@ def test_crops_to_exact_length_on_a_longer_bucket(runtime_on):
     assert audio.waveform.shape == (112000,)
 
 
-def test_threads_get_the_audio_they_would_get_alone(runtime_on):
-    seeds = [11, 12, 13, 14, 15, 16]
-    alone = {s: runtime_on.generate(PROMPT, SECONDS, seed=s, **FAST).waveform for s in seeds}
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_threads_get_the_audio_they_would_get_alone(engines_on, backend):
+    """Requests on two buckets at once: the torch backend shares one UNet + LiteFocus handle."""
+    rt = Runtime.load(engines_on, backend=backend)
+    jobs = [(s, SECONDS if s % 2 else 1.0) for s in (11, 12, 13, 14, 15, 16)]
+    alone = {s: rt.generate(PROMPT, sec, seed=s, steps=2, progress=False).waveform for s, sec in jobs}
     got, errors = {}, []
 
     def worker(mine):
         try:
-            for s in mine:
-                got[s] = runtime_on.generate(PROMPT, SECONDS, seed=s, **FAST).waveform
+            for s, sec in mine:
+                got[s] = rt.generate(PROMPT, sec, seed=s, steps=2, progress=False).waveform
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(seeds[i::3],)) for i in range(3)]
+    threads = [threading.Thread(target=worker, args=(jobs[i::3],)) for i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    rt.close()
     assert not errors
-    assert all(np.array_equal(got[s], alone[s]) for s in seeds)
+    assert all(np.array_equal(got[s], alone[s]) for s, _ in jobs)
+
+
+def test_guidance_scale_one_runs_unguided(runtime_on):
+    a = runtime_on.generate(PROMPT, SECONDS, seed=4, guidance_scale=1.0, **FAST).waveform
+    b = runtime_on.generate(PROMPT, SECONDS, seed=4, guidance_scale=3.5, **FAST).waveform
+    assert np.isfinite(a).all() and np.abs(a - b).max() > 1e-4
 
 
 def test_loading_twice_in_one_process(engines_on):
@@ -302,3 +312,35 @@ def test_generate_cli_bad_output_dir(engines_on, tmp_path, capsys):
     )
     assert "does not exist" in capsys.readouterr().err
     assert not list(tmp_path.glob("**/*.wav"))
+
+
+def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_path):
+    from litefocus.export.tensorrt_build import TensorRTNotInstalled
+
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    with pytest.raises(TensorRTNotInstalled, match="pip install"):
+        Runtime.load(engines_on, backend="tensorrt")
+    assert (
+        generate_cli.main(
+            [
+                PROMPT,
+                "--seconds",
+                "0.5",
+                "--engines",
+                str(engines_on),
+                "-o",
+                "x.wav",
+                "--backend",
+                "tensorrt",
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "pip install" in capsys.readouterr().err
+
+
+def test_auto_backend_uses_onnxruntime_without_tensorrt_engines(engines_on):
+    with Runtime.load(engines_on) as rt:
+        name = rt.bucket_for(SECONDS)
+        assert rt._resolve_backend(name, rt.entries[name]) == "onnxruntime"
