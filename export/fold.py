@@ -17,17 +17,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from litefocus.export.audit import RANDOM_OPS
+
 logger = logging.getLogger(__name__)
 
 MAX_FOLDED_ELEMENTS = 1 << 16  # only shape-like / small tensors are folded
-_NEVER_FOLD = {
-    "RandomUniform",
-    "RandomNormal",
-    "RandomUniformLike",
-    "RandomNormalLike",
-    "Multinomial",
-    "Bernoulli",
-}
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -93,7 +87,7 @@ def fold_static_shapes(model: onnx.ModelProto, max_rounds: int = 50) -> onnx.Mod
             if node.op_type == "Shape" and node.input[0] in shapes:
                 replacement = [_shape_value(node, shapes[node.input[0]])]
             elif (
-                node.op_type not in _NEVER_FOLD
+                node.op_type not in RANDOM_OPS
                 and node.op_type != "Constant"
                 and node.domain in ("", "ai.onnx")
                 and node.input

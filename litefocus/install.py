@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from litefocus.attention import is_tracing
+from litefocus.buckets import LATENT_FREQ_BINS
 from litefocus.config import LiteFocusConfig
 from litefocus.processor import LiteFocusAttnProcessor
 
 logger = logging.getLogger(__name__)
 
-LATENT_FREQ_BINS = 16  # AudioLDM2: 64 mel bins / VAE downsampling 4
 _HANDLE_ATTR = "_litefocus_handle"
 
 

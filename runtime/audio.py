@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 16_000
-
 
 @dataclass(frozen=True)
 class Audio:

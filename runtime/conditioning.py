@@ -15,9 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
+from litefocus.export.contract import GPT2_TOKENS
 from litefocus.runtime.sampling import Conditioning
-
-GPT2_TOKENS = 8
 
 
 def generate_language_model(language_model, inputs_embeds, attention_mask, max_new_tokens=GPT2_TOKENS):

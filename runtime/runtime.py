@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from litefocus.buckets import Bucket
+from litefocus.buckets import SAMPLE_RATE, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
 from litefocus.export.contract import DecodeContract, UNetContract, index_input_name
-from litefocus.runtime.audio import SAMPLE_RATE, Audio
+from litefocus.runtime.audio import Audio
 from litefocus.runtime.sampling import SCHEDULERS, Conditioning, denoise, initial_latents, make_scheduler
 
 logger = logging.getLogger(__name__)
