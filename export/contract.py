@@ -74,6 +74,16 @@ class _Contract:
         """Name -> static shape of every input and output (the TensorRT profile uses the inputs)."""
         return {s.name: s.shape for s in (*self.inputs, *self.outputs)}
 
+    def to_dict(self) -> dict:
+        """What the manifest records of the contract (the runtime rebuilds and compares it)."""
+        return {
+            "module": self.module,
+            "batch": self.batch,
+            "precision": self.precision,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
     @property
     def tolerance(self) -> float:
         """Max validation error relative to the output RMS (see TOLERANCES)."""
@@ -174,14 +184,7 @@ class UNetContract(_Contract):
         return out
 
     def to_dict(self) -> dict:
-        return {
-            "module": self.module,
-            "batch": self.batch,
-            "text_len": self.text_len,
-            "precision": self.precision,
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-        }
+        return {**super().to_dict(), "text_len": self.text_len}
 
 
 @dataclass(frozen=True)
@@ -215,12 +218,3 @@ class DecodeContract(_Contract):
     def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
         return {s.name: torch.randn(s.shape, generator=g).to(s.torch_dtype) for s in self.inputs}
-
-    def to_dict(self) -> dict:
-        return {
-            "module": self.module,
-            "batch": self.batch,
-            "precision": self.precision,
-            "inputs": [s.to_dict() for s in self.inputs],
-            "outputs": [s.to_dict() for s in self.outputs],
-        }

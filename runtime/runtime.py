@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import secrets
 import threading
 import time
@@ -110,13 +111,9 @@ class Runtime:
     # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, seconds: float) -> str:
         """The smallest entry whose audio holds ``seconds``."""
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, (int, float))
-            or not math.isfinite(seconds)
-            or seconds <= 0
-        ):
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds < math.inf:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
+        seconds = float(seconds)
         for name, entry in self.entries.items():
             if entry["bucket"]["exact_seconds"] >= seconds:
                 return name
