@@ -249,69 +249,39 @@ def test_random_weight_engines_have_no_text_encoders(engines_on, tmp_path):
         rt.generate(PROMPT, SECONDS, seed=0, **FAST)
 
 
+def run_cli(engines, out, *extra):
+    args = [
+        PROMPT,
+        "--seconds",
+        "0.5",
+        "--engines",
+        str(engines),
+        "-o",
+        str(out),
+        "--steps",
+        "2",
+        "-q",
+        *extra,
+    ]
+    return generate_cli.main(args)
+
+
 def test_generate_cli_writes_a_wav(engines_on, tmp_path, capsys):
     out = tmp_path / "dog.wav"
-    assert (
-        generate_cli.main(
-            [
-                PROMPT,
-                "--seconds",
-                "0.5",
-                "--engines",
-                str(engines_on),
-                "-o",
-                str(out),
-                "--seed",
-                "3",
-                "--steps",
-                "2",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert run_cli(engines_on, out, "--seed", "3") == 0
     data, rate = sf.read(out)
     assert rate == 16000 and data.shape == (8000,) and sf.info(out).subtype == "PCM_16"
     assert "0p64s-fp32" in capsys.readouterr().out
-    assert (
-        generate_cli.main(
-            [
-                PROMPT,
-                "--seconds",
-                "0.5",
-                "--engines",
-                str(engines_on),
-                "-o",
-                str(out),
-                "--steps",
-                "2",
-                "--float",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert run_cli(engines_on, out, "--float") == 0
     assert sf.info(out).subtype == "FLOAT"
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_generate_cli_bad_output_dir(engines_on, tmp_path, capsys):
-    assert (
-        generate_cli.main(
-            [
-                PROMPT,
-                "--seconds",
-                "0.5",
-                "--engines",
-                str(engines_on),
-                "-o",
-                str(tmp_path / "no" / "x.wav"),
-                "-q",
-            ]
-        )
-        == 2
-    )
-    assert "does not exist" in capsys.readouterr().err
-    assert not list(tmp_path.glob("**/*.wav"))
+@pytest.mark.parametrize("where, match", [("missing-dir", "does not exist"), ("a-dir", "is a directory")])
+def test_generate_cli_bad_output_path(engines_on, tmp_path, capsys, where, match):
+    out = tmp_path / "no" / "x.wav" if where == "missing-dir" else tmp_path
+    assert run_cli(engines_on, out) == 2
+    assert match in capsys.readouterr().err
 
 
 def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_path):
@@ -320,23 +290,7 @@ def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     with pytest.raises(TensorRTNotInstalled, match="pip install"):
         Runtime.load(engines_on, backend="tensorrt")
-    assert (
-        generate_cli.main(
-            [
-                PROMPT,
-                "--seconds",
-                "0.5",
-                "--engines",
-                str(engines_on),
-                "-o",
-                "x.wav",
-                "--backend",
-                "tensorrt",
-                "-q",
-            ]
-        )
-        == 2
-    )
+    assert run_cli(engines_on, tmp_path / "x.wav", "--backend", "tensorrt") == 2
     assert "pip install" in capsys.readouterr().err
 
 
