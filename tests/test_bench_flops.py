@@ -7,12 +7,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.flops import unet_step_flops
 from litefocus import LiteFocusConfig
+from litefocus.bench.flops import unet_step_flops
 from litefocus.buckets import Bucket
 from litefocus.install import install
 from litefocus.models import random_unet
-from tests.tiny_models import make_tiny_unet, tiny_unet_inputs
+from tiny_models import make_tiny_unet, tiny_unet_inputs
 
 TEXT_LEN = 5  # tiny_unet_inputs' default T5 length
 
