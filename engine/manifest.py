@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from litefocus.fileio import atomic_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -120,17 +120,8 @@ def read_manifest(engine_dir: Path) -> dict:
 
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
     """Atomic write: a reader sees the old manifest or the new one, never half of one."""
-    engine_dir = Path(engine_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=engine_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would hide the manifest from the serving user
-            json.dump(manifest, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, engine_dir / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(engine_dir) / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def entry_files(entry: dict) -> list[dict]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from litefocus.export.contract import PRECISIONS
+from litefocus.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +149,6 @@ def _check_precision(contract, options: BuildOptions) -> None:
         )  # fp32 graph + weakly typed fp16 (FP16 builder flag) is the one mix allowed
 
 
-def _atomic_write(path: Path, data) -> None:
-    """Write ``data`` (bytes or a buffer) to ``path`` via a temp file in the same dir + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would make shared engines unreadable
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _trt_logger(trt):
     if log.isEnabledFor(logging.DEBUG):
         return trt.Logger(trt.Logger.VERBOSE)
@@ -278,10 +262,10 @@ def build_engine(onnx_path, contract, out_path, options: BuildOptions | None = N
 
     if cache is not None:
         options.timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
+        atomic_write_bytes(options.timing_cache, memoryview(config.get_timing_cache().serialize()))
     data = memoryview(serialized)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_path, data)
+    atomic_write_bytes(out_path, data)
     entry = {
         "file": out_path.name,
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from litefocus.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -28,14 +29,7 @@ def write_wav(path: str | os.PathLike, audio: Audio, *, float32: bool = False) -
         raise ValueError(
             f"output directory {path.parent} does not exist; create it or choose another -o path"
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(
-            tmp, audio.waveform, audio.sample_rate, subtype="FLOAT" if float32 else "PCM_16", format="WAV"
-        )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        subtype = "FLOAT" if float32 else "PCM_16"
+        sf.write(tmp, audio.waveform, audio.sample_rate, subtype=subtype, format="WAV")
     return path

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from litefocus import fileio
 from litefocus.buckets import Bucket
 from litefocus.export import tensorrt_build as tb
 from litefocus.export.contract import DecodeContract, UNetContract
@@ -381,9 +382,9 @@ def test_fake_build_overwrites_atomically(monkeypatch, tmp_path, onnx_file):
     out.write_bytes(b"old engine")
     install_fake(monkeypatch, UNET, engine=b"new")
     replaced = []
-    real_replace = tb.os.replace
+    real_replace = fileio.os.replace  # engines are written through litefocus.fileio
     monkeypatch.setattr(
-        tb.os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst))
+        fileio.os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst))
     )
     entry = build_engine(onnx_file, UNET, out, None)
     assert out.read_bytes() == b"new" and entry["sha256"] == hashlib.sha256(b"new").hexdigest()
