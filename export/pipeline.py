@@ -210,10 +210,14 @@ def _module_stages(name, label, module, contract, out_dir, root, attention, back
         version, cc = current_target()
         plan = out_dir / engine_filename(name, label, contract.precision, version, cc)
         cache = root / f"timing-{version}-sm{cc[0]}{cc[1]}.cache"
-        record["tensorrt"] = build_engine(
-            graph, contract, plan, BuildOptions.for_contract(contract, timing_cache=cache)
-        )
-        files["plan"] = mf.file_record(plan, root)
+        trt = build_engine(graph, contract, plan, BuildOptions.for_contract(contract, timing_cache=cache))
+        record["tensorrt"] = trt
+        # the builder hashed the engine bytes as it wrote them: no second read of a large file
+        files["plan"] = {
+            "path": plan.relative_to(root).as_posix(),
+            "sha256": trt["sha256"],
+            "bytes": trt["bytes"],
+        }
     bar.update()
     record["files"] = files
     return record
