@@ -36,10 +36,13 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def file_record(path: Path, root: Path) -> dict:
-    """{"path" (relative to the engine dir), "sha256", "bytes"} of one artifact file."""
+def file_record(path: Path, entry: str) -> dict:
+    """{"path" (``<entry>/<file name>``, relative to the engine dir), "sha256", "bytes"} of one artifact.
+
+    Artifacts are written in a temporary folder that is renamed to ``entry``: the record names the
+    final place."""
     return {
-        "path": path.relative_to(root).as_posix(),
+        "path": f"{entry}/{path.name}",
         "sha256": file_sha256(path),
         "bytes": path.stat().st_size,
     }

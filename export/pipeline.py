@@ -176,8 +176,9 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
     )
 
 
-def _module_stages(name, label, module, contract, out_dir, root, attention, backend, bar) -> dict:
-    """export -> audit -> validate -> build for one module; returns its manifest record."""
+def _module_stages(name, label, module, contract, out_dir, entry, attention, backend, bar) -> dict:
+    """export -> audit -> validate -> build for one module into ``out_dir`` (renamed to ``entry`` later);
+    returns its manifest record."""
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
     graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx")
@@ -191,7 +192,7 @@ def _module_stages(name, label, module, contract, out_dir, root, attention, back
     validation = validate(graph, module, contract)
     validation["seconds"] = time.perf_counter() - t1
     bar.update()
-    files = {"onnx": mf.file_record(graph, root), "data": mf.file_record(data, root)}
+    files = {"onnx": mf.file_record(graph, entry), "data": mf.file_record(data, entry)}
     record = {
         "contract": contract.to_dict(),
         "audit": audit.to_dict(),
@@ -209,12 +210,12 @@ def _module_stages(name, label, module, contract, out_dir, root, attention, back
         bar.set_postfix_str(f"{name}: build")
         version, cc = current_target()
         plan = out_dir / engine_filename(name, label, contract.precision, version, cc)
-        cache = root / f"timing-{version}-sm{cc[0]}{cc[1]}.cache"
+        cache = out_dir.parent / f"timing-{version}-sm{cc[0]}{cc[1]}.cache"
         trt = build_engine(graph, contract, plan, BuildOptions.for_contract(contract, timing_cache=cache))
         record["tensorrt"] = trt
         # the builder hashed the engine bytes as it wrote them: no second read of a large file
         files["plan"] = {
-            "path": plan.relative_to(root).as_posix(),
+            "path": f"{entry}/{plan.name}",
             "sha256": trt["sha256"],
             "bytes": trt["bytes"],
         }
@@ -253,11 +254,6 @@ def _install_entry(out: Path, name: str, tmp: Path) -> None:
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _rebase(record: dict, old: str, new: str) -> None:
-    for f in record["files"].values():
-        f["path"] = f["path"].replace(old + "/", new + "/", 1)
 
 
 def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
@@ -345,7 +341,7 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
             UNetExportModule(unet, contract, handle),
             contract,
             tmp,
-            out,
+            name,
             attention_expectations(bucket, opts.litefocus, layer_bins),
             opts.backend,
             bar,
@@ -353,7 +349,7 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
         bar.set_description(f"{name} decode")
         decode = DecodeContract(bucket, batch=max(1, opts.batch // 2), precision=opts.precision)
         decode_rec = _module_stages(
-            "decode", bucket.name, components.decode(decode), decode, tmp, out, (), opts.backend, bar
+            "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts.backend, bar
         )
         entry = {
             "key": key,
@@ -366,8 +362,6 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
             "build_seconds": time.perf_counter() - t0,
             "versions": mf.library_versions(),
         }
-        for rec in entry["modules"].values():
-            _rebase(rec, tmp.name, name)
         _install_entry(out, name, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
