@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,39 +25,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from litefocus import LiteFocusConfig, litefocus_attention
+from litefocus.bench.measure import device_name, quantile, time_ms
 from litefocus.geometry import latent_frames, level_frames
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-
-
-def time_ms(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Per-call wall times in ms after ``warmup`` untimed calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def quantile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def bench_one(
@@ -118,12 +90,6 @@ def bench_one(
             )
     rows[1]["speedup_vs_full"] = rows[0]["ms_p50"] / rows[1]["ms_p50"]
     return rows
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,10 @@ class LiteFocusConfig:
         if len(set(bins)) != len(bins):
             raise ValueError(f"LiteFocusConfig.freq_bins has duplicates: {tuple(bins)!r}")
         object.__setattr__(self, "freq_bins", tuple(bins))
+        # r as the decimal it prints as, kept as an exact integer ratio (not a dataclass field): plain
+        # int arithmetic in num_global, which torch.compile traces without a graph break
+        ratio = Fraction(repr(self.sparse_ratio))
+        object.__setattr__(self, "_ratio", (ratio.numerator, ratio.denominator))
 
     def num_global(self, n_tokens: int) -> int:
         """S = floor(r * N): the size of the shared cross-frequency sample (0 when it is off).
@@ -79,7 +83,8 @@ class LiteFocusConfig:
         """
         if not self.cross_frequency:
             return 0
-        return math.floor(Fraction(repr(self.sparse_ratio)) * int(n_tokens))
+        num, den = self._ratio
+        return num * int(n_tokens) // den
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -21,11 +21,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 UNET_CLASS_NAME = "AudioLDM2UNet2DConditionModel"
-# preset -> config file in litefocus/configs (audioldm2-music shares the base architecture)
+# preset -> config files in litefocus/configs per component (audioldm2-music shares the base
+# architecture; "tiny" is the AudioLDM2 structure with tiny widths, for smoke tests and --quick runs)
+_BASE = {"unet": "unet.json", "vae": "vae.json", "vocoder": "vocoder.json"}
 PRESETS = {
-    "audioldm2": "unet.json",
-    "audioldm2-music": "unet.json",
-    "audioldm2-large": "unet-large.json",
+    "audioldm2": _BASE,
+    "audioldm2-music": _BASE,
+    "audioldm2-large": {**_BASE, "unet": "unet-large.json"},
+    "tiny": {"unet": "unet-tiny.json", "vae": "vae-tiny.json", "vocoder": "vocoder-tiny.json"},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -59,11 +62,11 @@ def _shipped_config(filename: str) -> dict:
     return json.loads(resources.files("litefocus").joinpath("configs", filename).read_text())
 
 
-def preset_config(preset: str) -> dict:
-    """The diffusers UNet config of a preset, as shipped in the package."""
+def preset_config(preset: str, component: str = "unet") -> dict:
+    """The config of one component (``unet``, ``vae``, ``vocoder``) of a preset, as shipped."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return _shipped_config(PRESETS[preset])
+    return _shipped_config(PRESETS[preset][component])
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
@@ -109,22 +112,30 @@ def random_unet(
 
 
 def random_vae(
-    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+    seed: int = 0,
+    *,
+    preset: str = "audioldm2",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
 ):
-    """The AudioLDM2 VAE (diffusers AutoencoderKL, 55.4M parameters; ``scaling_factor`` from its
-    config) with weights drawn from ``seed``; like ``random_unet`` otherwise."""
-    config = _shipped_config("vae.json")
+    """The AudioLDM2 VAE of ``preset`` (diffusers AutoencoderKL, 55.4M parameters; ``scaling_factor``
+    from its config) with weights drawn from ``seed``; like ``random_unet`` otherwise."""
+    config = preset_config(preset, "vae")
     return _seeded(lambda: VAE.model_class().from_config(config), seed, dtype, device)
 
 
 def random_vocoder(
-    seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+    seed: int = 0,
+    *,
+    preset: str = "audioldm2",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
 ):
-    """The AudioLDM2 vocoder (transformers SpeechT5HifiGan, 55.3M parameters) with weights drawn from
-    ``seed``; like ``random_unet`` otherwise."""
+    """The AudioLDM2 vocoder of ``preset`` (transformers SpeechT5HifiGan, 55.3M parameters) with
+    weights drawn from ``seed``; like ``random_unet`` otherwise."""
     from transformers import SpeechT5HifiGanConfig
 
-    config = {k: v for k, v in _shipped_config("vocoder.json").items() if not k.startswith("_")}
+    config = {k: v for k, v in preset_config(preset, "vocoder").items() if not k.startswith("_")}
     return _seeded(lambda: VOCODER.model_class()(SpeechT5HifiGanConfig(**config)), seed, dtype, device)
 
 
@@ -210,20 +221,41 @@ def random_source(preset: str, seed: int) -> str:
     return f"random:{preset}:{seed}"
 
 
+def parse_random_source(source: str) -> tuple[str, int]:
+    """``random:<preset>:<seed>`` -> (preset, seed)."""
+    try:
+        _, preset, seed = source.split(":")
+        seed = int(seed)
+    except ValueError:
+        raise ValueError(f"bad random model source {source!r}; expected random:<preset>:<seed>") from None
+    preset_config(preset)  # names the known presets when it is not one
+    return preset, seed
+
+
+def unet_structure(source: str):
+    """The UNet of ``source`` on the meta device: its structure without weights (for FLOP counts)."""
+    if source.startswith("random:"):
+        return random_unet(parse_random_source(source)[0], device="meta")
+    cls = UNET.model_class()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        config = cls.load_config(component_dir(path, UNET))
+    else:
+        config = cls.load_config(source, subfolder=UNET.subfolder)
+    with torch.device("meta"):
+        return cls.from_config(config).eval()
+
+
 def load_components(
     source: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
 ):
     """(unet, vae, vocoder) of a hub id, a local directory or ``random:<preset>:<seed>``."""
     if source.startswith("random:"):
-        try:
-            _, preset, seed = source.split(":")
-            seed = int(seed)
-        except ValueError:
-            raise ValueError(f"bad random model source {source!r}; expected random:<preset>:<seed>") from None
+        preset, seed = parse_random_source(source)
         return (
             random_unet(preset, seed, dtype=dtype, device=device),
-            random_vae(seed, dtype=dtype, device=device),
-            random_vocoder(seed, dtype=dtype, device=device),
+            random_vae(seed, preset=preset, dtype=dtype, device=device),
+            random_vocoder(seed, preset=preset, dtype=dtype, device=device),
         )
     return (
         load_unet(source, dtype=dtype, device=device),

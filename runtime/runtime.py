@@ -21,7 +21,15 @@ from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
 from litefocus.export.contract import DecodeContract, UNetContract, index_input_name
 from litefocus.runtime.audio import Audio
-from litefocus.runtime.sampling import SCHEDULERS, Conditioning, denoise, initial_latents, make_scheduler
+from litefocus.runtime.sampling import (
+    SCHEDULERS,
+    Conditioning,
+    denoise,
+    index_specs,
+    initial_latents,
+    make_scheduler,
+    scheduler_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +131,11 @@ class Runtime:
             f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
         )
 
+    def engines_for(self, seconds: float):
+        """(unet backend, decode backend, unet contract, decode contract) of the bucket that serves
+        ``seconds``, opened once (for embedding the stages in another loop, e.g. the benchmark)."""
+        return self._engines(self.bucket_for(seconds))
+
     def _engines(self, name: str):
         """(unet backend, decode backend, unet contract, decode contract) of an entry, opened once."""
         with self._lock:
@@ -204,21 +217,7 @@ class Runtime:
         return self._models[dtype]
 
     def scheduler_config(self) -> dict:
-        import json
-        from importlib import resources
-
-        source = self.manifest["model"]["source"]
-        path = Path(source) / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        if not source.startswith("random:"):  # a hub model: its own scheduler config
-            from diffusers import DDIMScheduler
-
-            try:
-                return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
-            except OSError as e:
-                logger.warning("no scheduler config for %s (%s); using AudioLDM2's DDIM defaults", source, e)
-        return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())
+        return scheduler_config(self.manifest["model"]["source"])
 
     # ---- generation --------------------------------------------------------------------------
     def text_conditioner(self):
@@ -305,10 +304,7 @@ class Runtime:
         generator = torch.Generator().manual_seed(seed)
         sched = make_scheduler(scheduler, self.scheduler_config())
         latents = initial_latents((prompts, *unet_c.bucket.latent_shape), generator, sched)
-        specs = {
-            index_input_name(f): (layers, unet_c.bucket.num_global(self.config, f), unet_c.bucket.tokens(f))
-            for f, layers in unet_c.index_levels
-        }
+        specs = index_specs(unet_c)
         t1 = time.perf_counter()
         latents = denoise(
             unet,

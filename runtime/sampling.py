@@ -7,13 +7,17 @@ Classifier-free guidance runs as ONE batched call: [unconditional, conditional],
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from litefocus.export.contract import index_input_name
 from litefocus.install import draw_global_indices
+
+logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddim", "dpm++")
 
@@ -48,6 +52,35 @@ def make_scheduler(name: str, config: dict):
 def initial_latents(shape: tuple[int, ...], generator: torch.Generator, scheduler) -> torch.Tensor:
     """Gaussian noise scaled by the scheduler's initial sigma (diffusers' prepare_latents)."""
     return torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+
+
+def scheduler_config(source: str) -> dict:
+    """The scheduler config of a model source: its own (a local directory or a hub id), else the
+    AudioLDM2 DDIM defaults shipped with litefocus (random weights, or a hub model without one)."""
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    path = Path(source) / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not source.startswith("random:"):  # a hub model: its own scheduler config
+        from diffusers import DDIMScheduler
+
+        try:
+            return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+        except OSError as e:
+            logger.warning("no scheduler config for %s (%s); using AudioLDM2's DDIM defaults", source, e)
+    return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())
+
+
+def index_specs(contract) -> dict[str, tuple[int, int, int]]:
+    """Input name -> (layers, S, N) of each LiteFocus index input of a UNet contract (empty if none)."""
+    b, cfg = contract.bucket, contract.litefocus
+    return {
+        index_input_name(f): (layers, b.num_global(cfg, f), b.tokens(f))
+        for f, layers in contract.index_levels
+    }
 
 
 def draw_step_indices(index_specs: dict[str, tuple[int, int, int]], generator: torch.Generator) -> dict:

@@ -36,7 +36,7 @@ def test_random_weights_are_seeded_and_leave_the_global_rng_alone():
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"unknown preset 'audioldm3'.*audioldm2-large"):
         random_unet("audioldm3", device="meta")
-    assert set(PRESETS) == {"audioldm2", "audioldm2-large", "audioldm2-music"}
+    assert set(PRESETS) == {"audioldm2", "audioldm2-large", "audioldm2-music", "tiny"}
 
 
 @pytest.mark.parametrize("layout", ["pipeline", "unet"])

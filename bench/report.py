@@ -1,0 +1,207 @@
+"""Render run records (JSON) as a Markdown table and a PNG plot; compare several runs.
+
+Everything here is a pure function of the records: ``litefocus-bench report FILE...`` re-renders
+exactly what the run itself wrote. Speedups are ratios inside one run (same machine, same process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from litefocus.bench.run import ROW_FIELDS, SCHEMA_VERSION
+from litefocus.fileio import atomic_path, atomic_write_bytes
+
+BASELINE = "diffusers"
+BACKEND_ORDER = (
+    "diffusers",
+    "diffusers-compile",
+    "litefocus",
+    "litefocus-compile",
+    "onnxruntime",
+    "tensorrt",
+)
+
+
+def load_record(path: str | Path) -> dict:
+    """A run record, checked: clear errors for a missing file, bad JSON or a row without a field."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; pass JSON files written by litefocus-bench") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a litefocus-bench JSON record ({e})") from None
+    if not isinstance(record, dict) or record.get("benchmark") != "litefocus-bench":
+        raise ValueError(f"{path}: not a litefocus-bench record (benchmark={record.get('benchmark')!r})")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(
+            f"{path}: schema_version {record.get('schema_version')!r}, this litefocus reads {SCHEMA_VERSION}"
+        )
+    for i, row in enumerate(record.get("rows", [])):
+        missing = [f for f in ROW_FIELDS if f not in row]
+        if missing:
+            raise ValueError(f"{path}: row {i} ({row.get('backend')}) lacks {', '.join(missing)}")
+    return record
+
+
+def speedups(record: dict) -> dict[tuple[str, float, str], float]:
+    """(backend, seconds, precision) -> diffusers' median step / this row's, within this record."""
+    base = {
+        (r["seconds"], r["precision"]): r["step_ms_p50"] for r in record["rows"] if r["backend"] == BASELINE
+    }
+    out = {}
+    for r in record["rows"]:
+        ref = base.get((r["seconds"], r["precision"]))
+        if ref is not None:
+            out[r["backend"], r["seconds"], r["precision"]] = ref / r["step_ms_p50"]
+    return out
+
+
+def _sorted_rows(rows: list[dict]) -> list[dict]:
+    def key(r):
+        b = r["backend"]
+        return (r["seconds"], r["precision"], BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99, b)
+
+    return sorted(rows, key=key)
+
+
+def _fmt(x, spec: str = ".1f", none: str = "–") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, spec)
+
+
+def run_label(record: dict) -> str:
+    commit = (record.get("git") or {}).get("commit") or "unknown"
+    return f"{record['created']} · {record['device']} · {commit[:7]}"
+
+
+def render_markdown(record: dict) -> str:
+    """One run: context, the table, skipped rows."""
+    opts, ceil = record["options"], record["matmul_ceiling"]
+    v = record["versions"]
+    git = record.get("git") or {}
+    lines = [
+        f"# litefocus-bench · {record['device']} · {record['created']}",
+        "",
+        f"- commit `{(git.get('commit') or 'unknown')[:12]}`{' (dirty tree)' if git.get('dirty') else ''}; "
+        + ", ".join(f"{k} {v[k]}" for k in ("torch", "diffusers", "onnxruntime", "tensorrt") if v.get(k)),
+        f"- command: `{record['command']}`",
+        f"- model `{opts['source']}`, batch 2 (CFG), T5 length {opts['text_len']}, LiteFocus "
+        f"r = {opts['litefocus']['sparse_ratio']} at F = {opts['litefocus']['freq_bins']}; "
+        f"{opts['warmup']} warm-up + {opts['repeats']} timed steps; generation = {opts['steps']} DDIM steps + decode",
+        f"- dense matmul ceiling: {ceil['tflops']:.3f} TFLOP/s ({ceil['dtype']}, {ceil['n']}³)",
+        "",
+        "| seconds | backend | precision | step p50 ms | p10 – p90 ms | vs diffusers | compile s "
+        "| generate s | peak MB | GFLOP/step | TFLOP/s | % of ceiling |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    sp = speedups(record)
+    for r in _sorted_rows(record["rows"]):
+        s = sp.get((r["backend"], r["seconds"], r["precision"]))
+        lines.append(
+            f"| {r['seconds']:g} | {r['backend']} | {r['precision']} | {_fmt(r['step_ms_p50'])} "
+            f"| {_fmt(r['step_ms_p10'])} – {_fmt(r['step_ms_p90'])} | {_fmt(s, '.2f')}{'x' if s else ''} "
+            f"| {_fmt(r.get('compile_s'))} | {_fmt(r['generate_s'])} | {_fmt(r['peak_mem_mb'], '.0f')} "
+            f"| {_fmt(r['step_gflop'], '.4g')} | {_fmt(r['achieved_tflops'], '.3f')} "
+            f"| {_fmt(100 * r['ceiling_fraction'] if r.get('ceiling_fraction') is not None else None)} |"
+        )
+    if record.get("skipped"):
+        lines += ["", "Not measured:", ""]
+        for s in record["skipped"]:
+            lines.append(f"- {s['backend']} at {s['seconds']:g} s: {s['status']} ({s['reason']})")
+    lines += [
+        "",
+        "peak MB: "
+        + ", ".join(sorted({r["mem_kind"] for r in record["rows"]}))
+        + " during the timed steps and "
+        "the generation (setup and compilation excluded). compile s: first call minus one warm step.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_comparison(records: list[dict]) -> str:
+    """Several runs side by side: median step per (backend, seconds, precision), and its ratio to run 1."""
+    labels = [run_label(r) for r in records]
+    lines = ["# litefocus-bench comparison", ""]
+    lines += [f"{i + 1}. {label}" for i, label in enumerate(labels)]
+    head = "| seconds | backend | precision | " + " | ".join(f"run {i + 1} ms" for i in range(len(records)))
+    head += " | " + " | ".join(f"run {i + 1} / run 1" for i in range(1, len(records))) + " |"
+    lines += ["", head, "|---:|---|---|" + "---:|" * (2 * len(records) - 1)]
+    keys = {(r["backend"], r["seconds"], r["precision"]) for rec in records for r in rec["rows"]}
+    by_run = [{(r["backend"], r["seconds"], r["precision"]): r for r in rec["rows"]} for rec in records]
+    rows = _sorted_rows([{"backend": b, "seconds": s, "precision": p} for b, s, p in keys])
+    for k in ((r["backend"], r["seconds"], r["precision"]) for r in rows):
+        ms = [run.get(k, {}).get("step_ms_p50") for run in by_run]
+        ratios = [m / ms[0] if m is not None and ms[0] else None for m in ms[1:]]
+        lines.append(
+            f"| {k[1]:g} | {k[0]} | {k[2]} | "
+            + " | ".join(_fmt(m) for m in ms)
+            + " | "
+            + " | ".join(_fmt(x, ".2f") for x in ratios)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> Path:
+    """PNG: median step time vs audio length per backend (log-log, p10-p90 bars), and the speedup
+    over diffusers in the same run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(12, 4.8))
+    many = len(records) > 1
+    for i, record in enumerate(records):
+        sp = speedups(record)
+        for backend in sorted(
+            {r["backend"] for r in record["rows"]}, key=lambda b: (b not in BACKEND_ORDER, b)
+        ):
+            for precision in sorted({r["precision"] for r in record["rows"] if r["backend"] == backend}):
+                rs = sorted(
+                    (r for r in record["rows"] if r["backend"] == backend and r["precision"] == precision),
+                    key=lambda r: r["seconds"],
+                )
+                label = f"{backend} {precision}" + (f" (run {i + 1})" if many else "")
+                x = [r["seconds"] for r in rs]
+                y = [r["step_ms_p50"] for r in rs]
+                err = [
+                    [r["step_ms_p50"] - r["step_ms_p10"] for r in rs],
+                    [r["step_ms_p90"] - r["step_ms_p50"] for r in rs],
+                ]
+                ax_t.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+                s = [(r["seconds"], sp.get((backend, r["seconds"], precision))) for r in rs]
+                s = [(a, b) for a, b in s if b is not None]
+                if s:
+                    ax_s.plot([a for a, _ in s], [b for _, b in s], marker="o", label=label)
+    ax_t.set(xscale="log", yscale="log", xlabel="audio seconds", ylabel="UNet step, median ms (batch 2)")
+    ax_t.set_title("latency per UNet step")
+    ax_s.set(xscale="log", xlabel="audio seconds", ylabel=f"speedup over {BASELINE} (same run)")
+    ax_s.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_s.set_title("speedup vs diffusers eager")
+    for ax in (ax_t, ax_s):
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(" | ".join(run_label(r) for r in records), fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(records: list[dict], stem: Path) -> tuple[Path, Path]:
+    """``stem``.md and ``stem``.png for one record (its table) or several (comparison + tables)."""
+    if len(records) == 1:
+        md = render_markdown(records[0])
+    else:
+        md = render_comparison(records) + "".join("\n" + render_markdown(r) for r in records)
+    md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
+    atomic_write_bytes(md_path, md.encode())
+    plot(records, png_path)
+    return md_path, png_path

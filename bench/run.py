@@ -1,0 +1,330 @@
+"""One benchmark run: every (backend, bucket) measured the same way, written as one JSON record.
+
+Per row, in this order:
+  1. open the target (setup: model + LiteFocus install, compile wrapper, or engine export/reuse + load);
+  2. one first call (for ``*-compile`` this is where compilation happens);
+  3. reset the peak-memory counter, then ``warmup`` untimed and ``repeats`` timed UNet steps
+     (batch 2: classifier-free guidance), CUDA events on a GPU;
+  4. a full generation: ``steps`` DDIM steps through the runtime's sampling loop + decode;
+  5. the peak memory of steps 3-4 (setup and compilation excluded).
+FLOPs are analytic (``bench/flops.py``); achieved TFLOP/s = step FLOPs / median step time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from litefocus.bench.flops import unet_step_flops
+from litefocus.bench.measure import (
+    PeakMemory,
+    device_name,
+    matmul_ceiling_tflops,
+    summarize_ms,
+    time_ms,
+    wall_s,
+)
+from litefocus.bench.targets import (
+    BACKENDS,
+    TORCH_BACKENDS,
+    Target,
+    TargetSpec,
+    TorchModels,
+    Unavailable,
+    open_target,
+    uses_litefocus,
+)
+from litefocus.buckets import Bucket
+from litefocus.config import LiteFocusConfig
+from litefocus.engine.manifest import library_versions
+from litefocus.fileio import atomic_write_bytes
+from litefocus.runtime.sampling import (
+    Conditioning,
+    denoise,
+    index_specs,
+    initial_latents,
+    make_scheduler,
+    scheduler_config,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+GUIDANCE_SCALE = 3.5  # AudioLDM2's default: the CFG pair runs as one batch-2 UNet call
+ROW_FIELDS = (  # every measured row has these (None where a value does not apply)
+    "device",
+    "backend",
+    "seconds",
+    "precision",
+    "step_ms_p50",
+    "step_ms_p10",
+    "step_ms_p90",
+    "generate_s",
+    "peak_mem_mb",
+    "step_gflop",
+    "achieved_tflops",
+)
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    seconds: tuple[float, ...]
+    backends: tuple[str, ...] = BACKENDS
+    source: str = "random:audioldm2:0"
+    device: str = "cpu"
+    precision: str = "fp32"
+    steps: int = 25  # of the full generation; 0 skips it
+    warmup: int = 2
+    repeats: int = 5
+    text_len: int = 128
+    engines: Path = Path("engines")
+    out: Path = DEFAULT_OUT
+    compile_mode: str = "default"
+    litefocus: LiteFocusConfig = field(default_factory=LiteFocusConfig)
+    seed: int = 0
+    quiet: bool = False
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for b in self.backends:
+            if b not in BACKENDS:
+                raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
+        if not self.backends or not self.seconds:
+            raise ValueError("give at least one backend and one --seconds value")
+        for name, low in (("steps", 0), ("warmup", 0), ("repeats", 1), ("text_len", 1), ("seed", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        object.__setattr__(self, "seconds", tuple(Bucket.for_seconds(s).seconds for s in self.seconds))
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("litefocus", "quiet")}
+        d.update(seconds=list(self.seconds), backends=list(self.backends), engines=str(self.engines))
+        d.update(out=str(self.out), litefocus=self.litefocus.to_dict())
+        return d
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def generate(target: Target, source: str, steps: int, seed: int, progress: bool) -> dict:
+    """A full generation through the runtime's loop: ``steps`` DDIM steps + decode, timed."""
+    c = target.contract
+    inputs = c.sample_inputs(seed)  # random conditioning: random weights have no text encoders
+    cond = Conditioning(
+        inputs["encoder_hidden_states"].float(),
+        inputs["encoder_hidden_states_1"].float(),
+        inputs["encoder_attention_mask_1"],
+    )
+    generator = torch.Generator().manual_seed(seed)
+    sched = make_scheduler("ddim", scheduler_config(source))
+    latents = initial_latents((c.batch // 2, *c.bucket.latent_shape), generator, sched)
+    t0 = time.perf_counter()
+    latents = denoise(
+        target.unet,
+        sched,
+        latents,
+        cond,
+        steps=steps,
+        guidance_scale=GUIDANCE_SCALE,
+        index_specs=index_specs(c),
+        generator=generator,
+        dtype=c.inputs[0].torch_dtype,
+        progress=progress,
+    )
+    t1 = time.perf_counter()
+    wave = target.decode({"latent": latents.to(target.decode_contract.inputs[0].torch_dtype)})
+    t2 = time.perf_counter()
+    if not torch.isfinite(wave).all():
+        raise RuntimeError(f"{target.backend}: the generated waveform is not finite")
+    return {"generate_s": t2 - t0, "denoise_s": t1 - t0, "decode_s": t2 - t1}
+
+
+def measure_row(
+    target: Target, opts: BenchOptions, device: torch.device, flops: dict, ceiling: dict, setup_s: float
+) -> dict:
+    c = target.contract
+    inputs = c.sample_inputs(opts.seed)
+    step = target.step_fn(inputs)
+    first_s, out = wall_s(step, device)
+    ref = target.eager_reference(inputs)
+    max_abs_vs_eager = None if ref is None else float((out.float() - ref.float()).abs().max())
+    mem = PeakMemory(device, torch_allocator=target.module is not None)
+    mem.reset()
+    times = time_ms(step, device, opts.warmup, opts.repeats)
+    stats = summarize_ms(times)
+    gen = {"generate_s": None, "denoise_s": None, "decode_s": None}
+    if opts.steps:
+        gen = generate(target, opts.source, opts.steps, opts.seed, progress=not opts.quiet)
+    gflop = flops["total"] / 1e9
+    achieved = gflop / stats["p50"]  # GFLOP per ms = TFLOP/s
+    return {
+        "device": device_name(device),
+        "backend": target.backend,
+        "seconds": c.bucket.seconds,
+        "precision": opts.precision,
+        "step_ms_p50": stats["p50"],
+        "step_ms_p10": stats["p10"],
+        "step_ms_p90": stats["p90"],
+        "generate_s": gen["generate_s"],
+        "peak_mem_mb": mem.peak_mb(),
+        "step_gflop": gflop,
+        "achieved_tflops": achieved,
+        "ceiling_fraction": achieved / ceiling["tflops"],
+        # context
+        "bucket_seconds": c.bucket.exact_seconds,
+        "frames": c.bucket.frames,
+        "batch": c.batch,
+        "text_len": c.text_len,
+        "litefocus": c.litefocus is not None,
+        "provider": target.provider,
+        "compiled": target.compiled,
+        "setup_s": setup_s,
+        "first_call_s": first_s,
+        # compilation = the first call minus one warm step
+        "compile_s": max(0.0, first_s - stats["p50"] / 1e3) if target.compiled else None,
+        "max_abs_vs_eager": max_abs_vs_eager,  # compiled targets: first output vs the eager module
+        "steps": opts.steps,
+        "denoise_s": gen["denoise_s"],
+        "decode_s": gen["decode_s"],
+        "warmup": opts.warmup,
+        "repeats": opts.repeats,
+        "step_ms_all": times,
+        "mem_kind": mem.kind,
+        "self_attention_gflop": flops["self_attention"] / 1e9,
+    }
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, Unavailable):
+        return "unavailable", str(exc)
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)) or "out of memory" in text.lower():
+        return "oom", text.splitlines()[0][:500]
+    return "failed", text.splitlines()[0][:500] if text else type(exc).__name__
+
+
+def run_benchmark(opts: BenchOptions) -> dict:
+    """Measure every (backend, bucket) of ``opts``; returns the run record (rows + skipped + context)."""
+    from litefocus.models import unet_structure
+
+    device = torch.device(opts.device)
+    spec = TargetSpec(
+        source=opts.source,
+        device=device,
+        precision=opts.precision,
+        litefocus=opts.litefocus,
+        text_len=opts.text_len,
+        engines=opts.engines,
+        compile_mode=opts.compile_mode,
+        quiet=opts.quiet,
+    )
+    structure = unet_structure(opts.source)
+    buckets = [Bucket.for_seconds(s) for s in opts.seconds]
+    flops = {
+        (b.frames, lf): unet_step_flops(
+            structure, b, batch=spec.batch, text_len=opts.text_len, litefocus=opts.litefocus if lf else None
+        )
+        for b in buckets
+        for lf in (False, True)
+    }
+    ceiling = matmul_ceiling_tflops(device, spec.dtype)
+    logger.info(
+        "dense matmul ceiling: %.2f TFLOP/s (%s, n=%d)", ceiling["tflops"], ceiling["dtype"], ceiling["n"]
+    )
+    models = TorchModels(spec)
+    rows, skipped = [], []
+    pairs = [(backend, b) for backend in opts.backends for b in buckets]
+    last_torch = max((i for i, (bk, _) in enumerate(pairs) if bk in TORCH_BACKENDS), default=-1)
+    bar = tqdm(pairs, desc="litefocus-bench", unit="row", disable=opts.quiet)
+    for i, (backend, bucket) in enumerate(bar):
+        bar.set_postfix_str(f"{backend} {bucket.seconds:g} s")
+        target = None
+        try:
+            t0 = time.perf_counter()
+            target = open_target(backend, bucket, spec, models)
+            setup_s = time.perf_counter() - t0
+            row = measure_row(
+                target, opts, device, flops[bucket.frames, uses_litefocus(backend)], ceiling, setup_s
+            )
+            rows.append(row)
+            logger.info(
+                "%-18s %6.2f s: step %9.1f ms (p10 %.1f, p90 %.1f), %.3f TFLOP/s",
+                backend,
+                bucket.seconds,
+                row["step_ms_p50"],
+                row["step_ms_p10"],
+                row["step_ms_p90"],
+                row["achieved_tflops"],
+            )
+        except Exception as e:  # noqa: BLE001 - one row failing is a result, not the end of the run
+            status, reason = _failure(e)
+            log = logger.info if status == "unavailable" else logger.warning
+            log("%s %g s: %s (%s)", backend, bucket.seconds, status, reason)
+            logger.debug("row failure", exc_info=True)
+            skipped.append(
+                {"backend": backend, "seconds": bucket.seconds, "status": status, "reason": reason}
+            )
+        finally:
+            if target is not None:
+                target.close()
+            if i == last_torch:
+                models.drop()  # the engine rows should not carry the PyTorch weights in their memory
+    bar.close()
+    return make_record(opts, device, ceiling, rows, skipped)
+
+
+def make_record(opts: BenchOptions, device: torch.device, ceiling: dict, rows: list, skipped: list) -> dict:
+    created = dt.datetime.now(dt.timezone.utc)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "litefocus-bench",
+        "created": created.strftime("%Y%m%dT%H%M%SZ"),
+        "device": device_name(device),
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": library_versions(),
+        "git": git_commit(),
+        "command": opts.command or " ".join(sys.argv),
+        "options": opts.to_dict(),
+        "matmul_ceiling": ceiling,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def write_record(record: dict, out: Path) -> Path:
+    """``out/unet-<device type>-<created>.json`` (atomic); returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"unet-{record['device_type']}-{record['created']}.json"
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+    return path

@@ -1,0 +1,221 @@
+"""The benchmarked backends: each opens one bucket as a ``Target`` with the same three stages.
+
+    target.step_fn(inputs)  -> a zero-argument callable: one UNet call on device-resident inputs
+    target.unet(inputs)     -> noise_pred on CPU, for the sampling loop (the runtime's backend API)
+    target.decode(inputs)   -> waveform, VAE decoder + vocoder
+
+``diffusers``: the stock UNet with its default attention processors, eager. ``litefocus``: the same
+UNet with LiteFocus installed (per-step global sample as an input, as the engines take it).
+``*-compile``: the same module under ``torch.compile`` (static shapes, one graph per bucket; decode
+stays eager). ``onnxruntime`` / ``tensorrt``: the exported engine of the bucket, through the runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import litefocus
+from litefocus.buckets import Bucket
+from litefocus.config import LiteFocusConfig
+from litefocus.export.contract import DecodeContract, UNetContract
+
+logger = logging.getLogger(__name__)
+
+TORCH_BACKENDS = ("diffusers", "diffusers-compile", "litefocus", "litefocus-compile")
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = TORCH_BACKENDS + ENGINE_BACKENDS
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+class Unavailable(RuntimeError):
+    """This backend cannot run on this machine (the reason is recorded in the results, not raised)."""
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What every backend of one run shares."""
+
+    source: str  # random:<preset>:<seed>, a hub id or a local diffusers directory
+    device: torch.device
+    precision: str  # fp32 | fp16
+    litefocus: LiteFocusConfig
+    text_len: int = 128
+    batch: int = 2
+    engines: Path = Path("engines")
+    compile_mode: str = "default"
+    quiet: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+
+def uses_litefocus(backend: str) -> bool:
+    return not backend.startswith("diffusers")
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run here (None: it can)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "tensorrt":
+        from litefocus.export.tensorrt_build import INSTALL_HINT, tensorrt_available
+
+        if not tensorrt_available():
+            return INSTALL_HINT
+        if device.type != "cuda":
+            return "TensorRT needs a CUDA GPU (--device cuda)"
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime not installed (pip install onnxruntime)"
+    return None
+
+
+class TorchModels:
+    """The model of a run (UNet, VAE, vocoder), loaded once and shared by the PyTorch backends."""
+
+    def __init__(self, spec: TargetSpec):
+        self.spec = spec
+        self._models = None
+
+    def get(self) -> tuple:
+        if self._models is None:
+            from litefocus.models import load_components
+
+            self._models = load_components(self.spec.source, dtype=self.spec.dtype, device=self.spec.device)
+        return self._models
+
+    def drop(self) -> None:
+        self._models = None
+
+
+@dataclass
+class Target:
+    backend: str
+    contract: UNetContract
+    decode_contract: DecodeContract
+    unet: object  # contract inputs (CPU) -> noise_pred (CPU): the runtime's backend API
+    decode: object
+    module: torch.nn.Module | None = None  # PyTorch backends: called directly for step timing
+    compiled: bool = False
+    provider: str | None = None
+    _cleanup: list = field(default_factory=list)
+
+    def step_fn(self, inputs: dict[str, torch.Tensor]):
+        """One UNet call on ``inputs`` placed on the device once (the timed unit)."""
+        if self.module is None:
+            return lambda: self.unet(inputs)
+        device = next(self.module.parameters()).device
+        args = [inputs[name].to(device) for name in self.contract.input_names]
+
+        def call():
+            with torch.inference_mode():
+                return self.module(*args)
+
+        return call
+
+    def eager_reference(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A compiled target's eager twin on the same inputs (None for the others)."""
+        if not self.compiled:
+            return None
+        eager = self.module._orig_mod
+        device = next(eager.parameters()).device
+        with torch.inference_mode():
+            return eager(*[inputs[name].to(device) for name in self.contract.input_names])
+
+    def close(self) -> None:
+        for fn in reversed(self._cleanup):
+            fn()
+        self._cleanup.clear()
+        self.unet = self.decode = self.module = None
+
+
+def open_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchModels) -> Target:
+    """Open ``backend`` for ``bucket`` (raises Unavailable with the reason when it cannot run here)."""
+    reason = unavailable_reason(backend, spec.device)
+    if reason:
+        raise Unavailable(reason)
+    if backend in TORCH_BACKENDS:
+        return _torch_target(backend, bucket, spec, models)
+    return _engine_target(backend, bucket, spec)
+
+
+def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchModels) -> Target:
+    from litefocus.engine.backends import TorchBackend
+    from litefocus.export.decode import DecodeModule
+    from litefocus.export.onnx_export import UNetExportModule
+
+    unet, vae, vocoder = models.get()
+    config = spec.litefocus if uses_litefocus(backend) else None
+    contract = UNetContract.for_unet(
+        unet, bucket, config, batch=spec.batch, text_len=spec.text_len, precision=spec.precision
+    )
+    decode_contract = DecodeContract(bucket, precision=spec.precision)
+    handle = litefocus.install(unet, config) if config is not None else None
+    module = UNetExportModule(unet, contract, handle).eval()
+    compiled = backend.endswith("-compile")
+    if compiled:
+        module = torch.compile(module, mode=spec.compile_mode, dynamic=False)
+    decode = TorchBackend(
+        DecodeModule.for_contract(vae, vocoder, decode_contract), decode_contract, spec.device
+    )
+    target = Target(
+        backend,
+        contract,
+        decode_contract,
+        unet=TorchBackend(module, contract, spec.device),
+        decode=decode,
+        module=module,
+        compiled=compiled,
+    )
+    if compiled:
+        target._cleanup.append(torch._dynamo.reset)  # each compiled target compiles afresh
+    if handle is not None:
+        target._cleanup.append(handle.uninstall)  # restores diffusers' own processors exactly
+    return target
+
+
+def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
+    """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``, then open it."""
+    from litefocus.export.pipeline import ExportOptions, export_engines
+    from litefocus.models import parse_random_source
+    from litefocus.runtime import Runtime
+
+    random_preset, weights_seed, model = None, 0, spec.source
+    if spec.source.startswith("random:"):
+        (random_preset, weights_seed), model = parse_random_source(spec.source), None
+    opts = ExportOptions(
+        seconds=(bucket.seconds,),
+        out=spec.engines,
+        model=model,
+        random_preset=random_preset,
+        weights_seed=weights_seed,
+        backend="tensorrt" if backend == "tensorrt" else "onnx",
+        precision=spec.precision,
+        batch=spec.batch,
+        text_len=spec.text_len,
+        litefocus=spec.litefocus,
+        quiet=spec.quiet,
+    )
+    export_engines(opts)
+    runtime = Runtime.load(spec.engines, backend=backend, device=spec.device)
+    unet, decode, contract, decode_contract = runtime.engines_for(bucket.seconds)
+    if contract.bucket.frames != bucket.frames:  # another, longer entry of this directory was chosen
+        runtime.close()
+        raise RuntimeError(f"{spec.engines}: no entry of {bucket.frames} frames after export")
+    if unet.name != backend:  # e.g. the runtime fell back to PyTorch: that is not this row
+        runtime.close()
+        raise RuntimeError(
+            f"{spec.engines}: the runtime opened {unet.name}, not {backend}, for {bucket.name}"
+        )
+    session = getattr(unet, "session", None)
+    provider = session.get_providers()[0] if session is not None else backend
+    target = Target(backend, contract, decode_contract, unet=unet, decode=decode, provider=provider)
+    target._cleanup.append(runtime.close)
+    return target
