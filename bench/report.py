@@ -73,6 +73,13 @@ def _fmt(x, spec: str = ".1f", none: str = "–") -> str:
     return format(x, spec)
 
 
+def _dirty(git: dict) -> str:
+    if not git.get("dirty"):
+        return ""
+    changed = git.get("changed")
+    return f" + uncommitted changes to {', '.join(changed)}" if changed else " (dirty tree)"
+
+
 def run_label(record: dict) -> str:
     commit = (record.get("git") or {}).get("commit") or "unknown"
     return f"{record['created']} · {record['device']} · {commit[:7]}"
@@ -86,7 +93,7 @@ def render_markdown(record: dict) -> str:
     lines = [
         f"# litefocus-bench · {record['device']} · {record['created']}",
         "",
-        f"- commit `{(git.get('commit') or 'unknown')[:12]}`{' (dirty tree)' if git.get('dirty') else ''}; "
+        f"- commit `{(git.get('commit') or 'unknown')[:12]}`{_dirty(git)}; "
         + ", ".join(f"{k} {v[k]}" for k in ("torch", "diffusers", "onnxruntime", "tensorrt") if v.get(k)),
         f"- command: `{record['command']}`",
         f"- model `{opts['source']}`, batch 2 (CFG), T5 length {opts['text_len']}, LiteFocus "
@@ -150,6 +157,7 @@ def plot(records: list[dict], path: Path) -> Path:
     """PNG: median step time vs audio length per backend (log-log, p10-p90 bars), and the speedup
     over diffusers in the same run."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -167,23 +175,33 @@ def plot(records: list[dict], path: Path) -> Path:
                     key=lambda r: r["seconds"],
                 )
                 label = f"{backend} {precision}" + (f" (run {i + 1})" if many else "")
+                # one colour per backend, one line style / marker per run
+                style = {
+                    "color": f"C{BACKEND_ORDER.index(backend) if backend in BACKEND_ORDER else 9}",
+                    "ls": ("-", "--", ":", "-.")[i % 4],
+                    "marker": "osD^v"[i % 5],
+                    "label": label,
+                }
                 x = [r["seconds"] for r in rs]
                 y = [r["step_ms_p50"] for r in rs]
                 err = [
                     [r["step_ms_p50"] - r["step_ms_p10"] for r in rs],
                     [r["step_ms_p90"] - r["step_ms_p50"] for r in rs],
                 ]
-                ax_t.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+                ax_t.errorbar(x, y, yerr=err, capsize=3, **style)
                 s = [(r["seconds"], sp.get((backend, r["seconds"], precision))) for r in rs]
                 s = [(a, b) for a, b in s if b is not None]
                 if s:
-                    ax_s.plot([a for a, _ in s], [b for _, b in s], marker="o", label=label)
+                    ax_s.plot([a for a, _ in s], [b for _, b in s], **style)
     ax_t.set(xscale="log", yscale="log", xlabel="audio seconds", ylabel="UNet step, median ms (batch 2)")
     ax_t.set_title("latency per UNet step")
     ax_s.set(xscale="log", xlabel="audio seconds", ylabel=f"speedup over {BASELINE} (same run)")
     ax_s.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_s.set_title("speedup vs diffusers eager")
+    seconds = sorted({r["seconds"] for rec in records for r in rec["rows"]})
     for ax in (ax_t, ax_s):
+        ax.set_xticks(seconds, [f"{s:g}" for s in seconds])  # the measured lengths, in plain numbers
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

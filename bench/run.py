@@ -130,7 +130,8 @@ def git_commit() -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    changed = [line[3:] for line in status.splitlines()] if status else []
+    return {"commit": commit, "dirty": bool(changed) if status is not None else None, "changed": changed}
 
 
 def generate(target: Target, source: str, steps: int, seed: int, progress: bool) -> dict:
@@ -245,6 +246,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
         compile_mode=opts.compile_mode,
         quiet=opts.quiet,
     )
+    git = git_commit()  # the code that runs, before anything can change the tree
     structure = unet_structure(opts.source)
     buckets = [Bucket.for_seconds(s) for s in opts.seconds]
     flops = {
@@ -297,10 +299,12 @@ def run_benchmark(opts: BenchOptions) -> dict:
             if i == last_torch:
                 models.drop()  # the engine rows should not carry the PyTorch weights in their memory
     bar.close()
-    return make_record(opts, device, ceiling, rows, skipped)
+    return make_record(opts, device, ceiling, rows, skipped, git)
 
 
-def make_record(opts: BenchOptions, device: torch.device, ceiling: dict, rows: list, skipped: list) -> dict:
+def make_record(
+    opts: BenchOptions, device: torch.device, ceiling: dict, rows: list, skipped: list, git: dict
+) -> dict:
     created = dt.datetime.now(dt.timezone.utc)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -313,7 +317,7 @@ def make_record(opts: BenchOptions, device: torch.device, ceiling: dict, rows: l
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": library_versions(),
-        "git": git_commit(),
+        "git": git,
         "command": opts.command or " ".join(sys.argv),
         "options": opts.to_dict(),
         "matmul_ceiling": ceiling,

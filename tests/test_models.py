@@ -82,3 +82,35 @@ def test_unreachable_hub_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="hub is not reachable.*local directory"):
         load_unet("cvssp/audioldm2")
+
+
+def test_tiny_preset_is_the_tests_tiny_model():
+    from litefocus.models import load_components
+
+    unet, vae, vocoder = load_components("random:tiny:0")
+    want = make_tiny_unet(0).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in unet.state_dict().items())
+    assert vae.config.scaling_factor == 0.37 and vocoder.config.upsample_rates == [5, 4, 2, 2, 2]
+
+
+@pytest.mark.parametrize("source", ["random:tiny", "random:tiny:x", "random:huge:0", "random:tiny:0:1"])
+def test_bad_random_source(source):
+    from litefocus.models import parse_random_source
+
+    with pytest.raises(ValueError, match="random:<preset>:<seed>|unknown preset 'huge'"):
+        parse_random_source(source)
+
+
+def test_unet_structure_of_a_source_has_no_weights(tmp_path):
+    from litefocus.models import unet_structure
+
+    meta = unet_structure("random:audioldm2:0")
+    assert all(p.is_meta for p in meta.parameters())
+    assert sum(p.numel() for p in meta.parameters()) == sum(
+        p.numel() for p in random_unet("audioldm2", device="meta").parameters()
+    )
+    make_tiny_unet().save_pretrained(tmp_path / "unet")
+    local = unet_structure(str(tmp_path))
+    assert all(p.is_meta for p in local.parameters())
+    for key in ("block_out_channels", "cross_attention_dim", "attention_head_dim"):
+        assert json.dumps(local.config[key]) == json.dumps(make_tiny_unet().config[key])

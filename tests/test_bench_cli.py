@@ -1,0 +1,204 @@
+"""litefocus-bench: a --quick run on the tiny preset measures every CPU backend and writes a valid
+JSON record, Markdown table and PNG plot; ``report`` re-renders and compares; bad input fails clearly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from litefocus.bench import cli
+from litefocus.bench.measure import PeakMemory, matmul_ceiling_tflops, quantile, summarize_ms
+from litefocus.bench.report import load_record, render_comparison, render_markdown, speedups
+from litefocus.bench.run import ROW_FIELDS
+from litefocus.bench.targets import BACKENDS, unavailable_reason
+
+CPU_BACKENDS = ("diffusers", "diffusers-compile", "litefocus", "litefocus-compile", "onnxruntime")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run (tiny preset, 5 s, every backend) shared by the tests of this module."""
+    out = tmp_path_factory.mktemp("bench")
+    rc = cli.main(["--quick", "--out", str(out), "-q"])
+    (path,) = out.glob("unet-cpu-*.json")
+    return rc, path, json.loads(path.read_text())
+
+
+def test_quick_run_measures_every_cpu_backend(quick_run):
+    rc, path, record = quick_run
+    assert rc == 0
+    assert record == load_record(path)  # schema and required fields check out
+    assert record["options"]["source"] == "random:tiny:0"
+    rows = {r["backend"]: r for r in record["rows"]}
+    assert set(rows) == set(CPU_BACKENDS)
+    for backend, r in rows.items():
+        assert all(r[f] is not None for f in ROW_FIELDS), backend
+        assert r["device"] == record["device"] and r["seconds"] == 5.0 and r["precision"] == "fp32"
+        assert 0 < r["step_ms_p10"] <= r["step_ms_p50"] <= r["step_ms_p90"]
+        assert len(r["step_ms_all"]) == 3 and r["step_ms_p50"] == float(np.median(r["step_ms_all"]))
+        assert r["generate_s"] > 0 and r["generate_s"] == pytest.approx(r["denoise_s"] + r["decode_s"])
+        assert r["peak_mem_mb"] > 50 and r["mem_kind"] == "rss"
+        assert r["achieved_tflops"] == pytest.approx(r["step_gflop"] / r["step_ms_p50"])
+        assert r["ceiling_fraction"] == pytest.approx(r["achieved_tflops"] / record["matmul_ceiling"]["tflops"])
+        assert r["litefocus"] == (not backend.startswith("diffusers"))
+    # LiteFocus does less attention work; the analytic count says so and is the same for its backends
+    assert rows["litefocus"]["step_gflop"] < rows["diffusers"]["step_gflop"]
+    assert rows["litefocus"]["step_gflop"] == rows["onnxruntime"]["step_gflop"]
+    assert rows["onnxruntime"]["provider"] == "CPUExecutionProvider"
+    # compiled targets: timed separately, and numerically the same module as eager
+    for backend in ("diffusers-compile", "litefocus-compile"):
+        assert rows[backend]["compiled"] and rows[backend]["compile_s"] > 0
+        assert rows[backend]["max_abs_vs_eager"] < 1e-4
+    assert rows["diffusers"]["compile_s"] is None
+    (trt,) = record["skipped"]
+    assert trt["backend"] == "tensorrt" and trt["status"] == "unavailable" and "TensorRT" in trt["reason"]
+    assert record["versions"]["torch"] and record["git"]["commit"]
+    assert record["command"].startswith("litefocus-bench --quick")
+
+
+def test_quick_run_writes_markdown_and_png(quick_run):
+    _, path, record = quick_run
+    md = path.with_suffix(".md").read_text()
+    assert md == render_markdown(record)
+    for backend in CPU_BACKENDS:
+        assert f"| 5 | {backend} | fp32 |" in md
+    assert "| 5 | diffusers | fp32 |" in md and "1.00x" in md
+    assert "tensorrt at 5 s: unavailable" in md
+    png = path.with_suffix(".png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    from PIL import Image
+
+    with Image.open(path.with_suffix(".png")) as im:
+        assert im.size[0] > 800 and im.size[1] > 400
+
+
+def test_report_round_trips_and_compares(quick_run, tmp_path, capsys):
+    _, path, record = quick_run
+    assert cli.main(["report", str(path), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again.md").read_text() == path.with_suffix(".md").read_text()
+    assert (tmp_path / "again.png").read_bytes().startswith(PNG_MAGIC)
+
+    slower = copy.deepcopy(record)  # a second "run": every step twice as slow, one row missing
+    slower["created"] = "20990101T000000Z"
+    for r in slower["rows"]:
+        for k in ("step_ms_p10", "step_ms_p50", "step_ms_p90"):
+            r[k] *= 2
+    slower["rows"] = [r for r in slower["rows"] if r["backend"] != "onnxruntime"]
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(slower))
+    assert cli.main(["report", str(path), str(second), "--out", str(tmp_path / "cmp")]) == 0
+    cmp = (tmp_path / "cmp.md").read_text()
+    assert cmp.startswith(render_comparison([record, slower]))
+    assert "| 5 | diffusers | fp32 |" in cmp and "| 2.00 |" in cmp
+    onnx_line = next(line for line in cmp.splitlines() if line.startswith("| 5 | onnxruntime | fp32 |"))
+    assert onnx_line.endswith("| – | – |")  # measured in run 1 only: no ratio invented
+    assert str(tmp_path / "cmp.md") in capsys.readouterr().out
+
+
+def test_speedups_are_ratios_within_one_run():
+    def row(backend, seconds, ms):
+        return {"backend": backend, "seconds": seconds, "precision": "fp32", "step_ms_p50": ms}
+
+    record = {"rows": [row("diffusers", 10, 100.0), row("litefocus", 10, 40.0), row("litefocus", 20, 50.0)]}
+    assert speedups(record) == {("diffusers", 10, "fp32"): 1.0, ("litefocus", 10, "fp32"): 2.5}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seconds", "-3"], "seconds"),
+        (["--seconds", "nan"], "seconds"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "tpu"], "--device"),
+        (["--preset", "huge"], "huge"),
+        (["--repeats", "0"], "repeats"),
+        (["--steps", "-1"], "steps"),
+        (["--sparse-ratio", "2"], "sparse_ratio"),
+        (["--backends", "tvm"], "invalid choice"),
+        (["--model", "some/model", "--preset", "tiny"], "not both"),
+    ],
+)
+def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_path):
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_report_input_exits_2(tmp_path, capsys, quick_run):
+    _, path, record = quick_run
+    cases = {
+        tmp_path / "missing.json": "no such file",
+        tmp_path / "broken.json": "not a litefocus-bench JSON record",
+        tmp_path / "other.json": "not a litefocus-bench record",
+        tmp_path / "norow.json": "lacks step_ms_p90",
+        tmp_path / "future.json": "schema_version 99",
+    }
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"benchmark": "attention"}))
+    bad_row = copy.deepcopy(record)
+    del bad_row["rows"][0]["step_ms_p90"]
+    (tmp_path / "norow.json").write_text(json.dumps(bad_row))
+    (tmp_path / "future.json").write_text(json.dumps({**record, "schema_version": 99}))
+    for file, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            cli.main(["report", str(file)])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err, file
+    with pytest.raises(SystemExit):
+        cli.main(["report", str(path), "--out", str(tmp_path / "no" / "such" / "dir" / "x")])
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unavailable_backends_say_why():
+    assert unavailable_reason("diffusers", torch.device("cpu")) is None
+    assert unavailable_reason("onnxruntime", torch.device("cpu")) is None
+    reason = unavailable_reason("tensorrt", torch.device("cpu"))
+    assert reason and ("TensorRT" in reason)
+    with pytest.raises(ValueError, match="unknown backend"):
+        unavailable_reason("tvm", torch.device("cpu"))
+    assert set(BACKENDS) == {*CPU_BACKENDS, "tensorrt"}
+
+
+def test_quantiles_match_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 17):
+        xs = rng.random(n).tolist()
+        for q in (0.1, 0.5, 0.9):
+            assert quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+        s = summarize_ms(xs)
+        assert s["p50"] == pytest.approx(float(np.median(xs)))
+    with pytest.raises(ValueError):
+        quantile([], 0.5)
+
+
+def test_peak_memory_resets_between_measurements():
+    mem = PeakMemory(torch.device("cpu"))
+    mem.reset()
+    before = mem.peak_mb()
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    big += 1
+    peak = mem.peak_mb()
+    assert peak - before > 50
+    del big
+    mem.reset()
+    assert mem.peak_mb() < peak - 50
+
+
+def test_matmul_ceiling_is_measured():
+    t0 = time.perf_counter()
+    c = matmul_ceiling_tflops(torch.device("cpu"), torch.float32, n=256, warmup=1, repeats=3)
+    assert c["n"] == 256 and c["dtype"] == "float32"
+    assert math.isfinite(c["tflops"]) and c["tflops"] > 0
+    assert c["tflops"] == pytest.approx(2 * 256**3 / c["ms"] / 1e9)
+    assert time.perf_counter() - t0 < 30
