@@ -42,6 +42,9 @@ QUICK = {  # --quick: the tiny preset, one short bucket, a handful of calls
 }
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class UsageError(ValueError):
     pass
 
@@ -75,7 +78,8 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--compile-mode",
         default="default",
-        help="torch.compile mode of the *-compile backends (default, reduce-overhead, max-autotune)",
+        choices=COMPILE_MODES,
+        help="torch.compile mode of the *-compile backends (default: default)",
     )
     p.add_argument(
         "--engines",
@@ -101,6 +105,16 @@ def build_report_parser() -> argparse.ArgumentParser:
         help="output path stem (default: beside the first file; compare-<first>--<last> for several)",
     )
     return p
+
+
+def check_writable(out: Path) -> None:
+    """Fail before a long run, not after it, when the results cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out} is not a writable directory ({e})") from None
 
 
 def options_from_args(args, command: str, engines: Path):
@@ -132,6 +146,9 @@ def options_from_args(args, command: str, engines: Path):
         )
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    check_writable(args.out)
     try:
         lf = LiteFocusConfig(sparse_ratio=args.sparse_ratio)
         return BenchOptions(
@@ -169,7 +186,10 @@ def run_main(argv: list[str]) -> int:
             opts = options_from_args(args, command, engines)
         except UsageError as e:
             p.error(str(e))
-        record = run_benchmark(opts)
+        try:
+            record = run_benchmark(opts)
+        except (ValueError, OSError) as e:  # e.g. a --model that is not an AudioLDM2 pipeline
+            p.error(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
     path = write_record(record, opts.out)
     md, png = write_report([record], path.with_suffix(""))
     logger.info("wrote %s, %s, %s", path, md, png)

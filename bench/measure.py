@@ -108,14 +108,15 @@ class PeakMemory:
     """Peak memory of everything done between ``reset()`` and ``peak_mb()``.
 
     ``kind``: ``cuda_max_allocated`` (PyTorch's allocator on the GPU; memory that ONNX Runtime or
-    TensorRT allocate themselves is not in it, so their GPU rows report ``cuda_used`` from
-    ``torch.cuda.mem_get_info``, sampled at the end) or ``rss`` (process peak resident set on CPU).
+    TensorRT allocate themselves is not in it, so their GPU rows report ``cuda_in_use_at_end``: device
+    memory in use from ``torch.cuda.mem_get_info`` at the end, not a peak) or ``rss`` (process peak
+    resident set on CPU).
     """
 
     def __init__(self, device: torch.device, torch_allocator: bool = True):
         self.device = device
         if device.type == "cuda":
-            self.kind = "cuda_max_allocated" if torch_allocator else "cuda_used"
+            self.kind = "cuda_max_allocated" if torch_allocator else "cuda_in_use_at_end"
         else:
             self.kind = "rss"
         self._can_reset = True
@@ -135,7 +136,7 @@ class PeakMemory:
     def peak_mb(self) -> float | None:
         if self.kind == "cuda_max_allocated":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if self.kind == "cuda_used":
+        if self.kind == "cuda_in_use_at_end":  # not a peak: device memory in use (all processes)
             free, total = torch.cuda.mem_get_info(self.device)
             return (total - free) / 2**20
         kb = _read_status_kb("VmHWM")

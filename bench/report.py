@@ -33,7 +33,11 @@ def load_record(path: str | Path) -> dict:
         raise ValueError(f"{path}: no such file; pass JSON files written by litefocus-bench") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a litefocus-bench JSON record ({e})") from None
-    if not isinstance(record, dict) or record.get("benchmark") != "litefocus-bench":
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}: not a litefocus-bench record (a JSON {type(record).__name__}, not an object)"
+        )
+    if record.get("benchmark") != "litefocus-bench":
         raise ValueError(f"{path}: not a litefocus-bench record (benchmark={record.get('benchmark')!r})")
     if record.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(

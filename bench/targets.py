@@ -158,22 +158,25 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
     )
     decode_contract = DecodeContract(bucket, precision=spec.precision)
     handle = litefocus.install(unet, config) if config is not None else None
-    module = UNetExportModule(unet, contract, handle).eval()
-    compiled = backend.endswith("-compile")
-    if compiled:
-        module = torch.compile(module, mode=spec.compile_mode, dynamic=False)
-    decode = TorchBackend(
-        DecodeModule.for_contract(vae, vocoder, decode_contract), decode_contract, spec.device
-    )
-    target = Target(
-        backend,
-        contract,
-        decode_contract,
-        unet=TorchBackend(module, contract, spec.device),
-        decode=decode,
-        module=module,
-        compiled=compiled,
-    )
+    try:
+        module = UNetExportModule(unet, contract, handle).eval()
+        compiled = backend.endswith("-compile")
+        if compiled:
+            module = torch.compile(module, mode=spec.compile_mode, dynamic=False)
+        decode = DecodeModule.for_contract(vae, vocoder, decode_contract)
+        target = Target(
+            backend,
+            contract,
+            decode_contract,
+            unet=TorchBackend(module, contract, spec.device),
+            decode=TorchBackend(decode, decode_contract, spec.device),
+            module=module,
+            compiled=compiled,
+        )
+    except BaseException:
+        if handle is not None:
+            handle.uninstall()  # later diffusers rows must see diffusers' own processors
+        raise
     if compiled:
         target._cleanup.append(torch._dynamo.reset)  # each compiled target compiles afresh
     if handle is not None:
@@ -183,7 +186,7 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
 
 def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``, then open it."""
-    from litefocus.export.pipeline import ExportOptions, export_engines
+    from litefocus.export.pipeline import ExportOptions, entry_name, export_engines
     from litefocus.models import parse_random_source
     from litefocus.runtime import Runtime
 
@@ -205,17 +208,27 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     )
     export_engines(opts)
     runtime = Runtime.load(spec.engines, backend=backend, device=spec.device)
-    unet, decode, contract, decode_contract = runtime.engines_for(bucket.seconds)
-    if contract.bucket.frames != bucket.frames:  # another, longer entry of this directory was chosen
+    name = entry_name(bucket, spec.precision)  # exactly this bucket and precision
+    try:
+        unet, decode, contract, decode_contract = runtime.open_entry(name)
+        got = (contract.bucket.frames, contract.precision, contract.batch, contract.text_len)
+        want = (bucket.frames, spec.precision, spec.batch, spec.text_len)
+        if got != want:
+            raise RuntimeError(
+                f"{spec.engines}/{name} holds (frames, precision, batch, text_len) = {got}, not {want}"
+            )
+        if unet.name != backend:  # e.g. the runtime fell back to PyTorch: that is not this row
+            raise RuntimeError(f"{spec.engines}: the runtime opened {unet.name}, not {backend}, for {name}")
+        session = getattr(unet, "session", None)
+        provider = session.get_providers()[0] if session is not None else backend
+        if session is not None and (provider == "CUDAExecutionProvider") != (spec.device.type == "cuda"):
+            raise Unavailable(
+                f"ONNX Runtime runs on {provider}, not on {spec.device}: for --device cuda install "
+                "onnxruntime-gpu alone (uninstall the CPU onnxruntime package first)"
+            )
+    except BaseException:
         runtime.close()
-        raise RuntimeError(f"{spec.engines}: no entry of {bucket.frames} frames after export")
-    if unet.name != backend:  # e.g. the runtime fell back to PyTorch: that is not this row
-        runtime.close()
-        raise RuntimeError(
-            f"{spec.engines}: the runtime opened {unet.name}, not {backend}, for {bucket.name}"
-        )
-    session = getattr(unet, "session", None)
-    provider = session.get_providers()[0] if session is not None else backend
+        raise
     target = Target(backend, contract, decode_contract, unet=unet, decode=decode, provider=provider)
     target._cleanup.append(runtime.close)
     return target

@@ -131,10 +131,13 @@ class Runtime:
             f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
         )
 
-    def engines_for(self, seconds: float):
-        """(unet backend, decode backend, unet contract, decode contract) of the bucket that serves
-        ``seconds``, opened once (for embedding the stages in another loop, e.g. the benchmark)."""
-        return self._engines(self.bucket_for(seconds))
+    def open_entry(self, name: str):
+        """(unet backend, decode backend, unet contract, decode contract) of entry ``name`` (as
+        ``litefocus.export.pipeline.entry_name`` names it), opened once: for embedding the stages in
+        another loop, e.g. the benchmark."""
+        if name not in self.entries:
+            raise ValueError(f"{self.engine_dir} has no entry {name!r}; it has {', '.join(self.entries)}")
+        return self._engines(name)
 
     def _engines(self, name: str):
         """(unet backend, decode backend, unet contract, decode contract) of an entry, opened once."""
@@ -189,8 +192,11 @@ class Runtime:
                 for m, c in (("unet", unet_c), ("decode", decode_c))
             )
         if backend == "onnxruntime":
+            from litefocus.export.validate import onnxruntime_providers
+
+            providers = onnxruntime_providers(prefer_cuda=self.device.type == "cuda")  # follow the device
             return tuple(
-                OnnxRuntimeBackend(self.engine_dir / modules[m]["files"]["onnx"]["path"], c)
+                OnnxRuntimeBackend(self.engine_dir / modules[m]["files"]["onnx"]["path"], c, providers)
                 for m, c in (("unet", unet_c), ("decode", decode_c))
             )
         from litefocus.export.decode import DecodeModule

@@ -46,7 +46,9 @@ def test_quick_run_measures_every_cpu_backend(quick_run):
         assert r["generate_s"] > 0 and r["generate_s"] == pytest.approx(r["denoise_s"] + r["decode_s"])
         assert r["peak_mem_mb"] > 50 and r["mem_kind"] == "rss"
         assert r["achieved_tflops"] == pytest.approx(r["step_gflop"] / r["step_ms_p50"])
-        assert r["ceiling_fraction"] == pytest.approx(r["achieved_tflops"] / record["matmul_ceiling"]["tflops"])
+        assert r["ceiling_fraction"] == pytest.approx(
+            r["achieved_tflops"] / record["matmul_ceiling"]["tflops"]
+        )
         assert r["litefocus"] == (not backend.startswith("diffusers"))
     # LiteFocus does less attention work; the analytic count says so and is the same for its backends
     assert rows["litefocus"]["step_gflop"] < rows["diffusers"]["step_gflop"]
@@ -123,6 +125,7 @@ def test_speedups_are_ratios_within_one_run():
         (["--sparse-ratio", "2"], "sparse_ratio"),
         (["--backends", "tvm"], "invalid choice"),
         (["--model", "some/model", "--preset", "tiny"], "not both"),
+        (["--compile-mode", "fastest"], "invalid choice"),
     ],
 )
 def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_path):
@@ -135,9 +138,19 @@ def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_pa
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_a_model_that_is_not_audioldm2_exits_2_before_measuring(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tmp_path / "empty"), "--seconds", "5", "--out", str(tmp_path / "out"), "-q"])
+    assert e.value.code == 2
+    assert "not an AudioLDM2 diffusers directory" in capsys.readouterr().err
+    assert not list((tmp_path / "out").iterdir())
+
+
 def test_bad_report_input_exits_2(tmp_path, capsys, quick_run):
     _, path, record = quick_run
     cases = {
+        tmp_path / "list.json": "a JSON list, not an object",
         tmp_path / "missing.json": "no such file",
         tmp_path / "broken.json": "not a litefocus-bench JSON record",
         tmp_path / "other.json": "not a litefocus-bench record",
@@ -145,6 +158,7 @@ def test_bad_report_input_exits_2(tmp_path, capsys, quick_run):
         tmp_path / "future.json": "schema_version 99",
     }
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "other.json").write_text(json.dumps({"benchmark": "attention"}))
     bad_row = copy.deepcopy(record)
     del bad_row["rows"][0]["step_ms_p90"]
