@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from litefocus import LiteFocusConfig, litefocus_attention
 from litefocus.bench.measure import device_name, quantile, time_ms
+from litefocus.fileio import atomic_write_bytes
 from litefocus.geometry import latent_frames, level_frames
 
 logger = logging.getLogger(__name__)
@@ -147,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"attention-{device.type}-{stamp}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
     logger.info("wrote %s", path)
     return 0
 

@@ -12,6 +12,7 @@ rendered from it into ``--out`` (default ``bench/results``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import shlex
 import sys
@@ -148,10 +149,9 @@ def options_from_args(args, command: str, engines: Path):
         raise UsageError(f"--device must be cpu or cuda, got {device!r}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    check_writable(args.out)
     try:
         lf = LiteFocusConfig(sparse_ratio=args.sparse_ratio)
-        return BenchOptions(
+        opts = BenchOptions(
             seconds=tuple(pick("seconds")),
             backends=tuple(dict.fromkeys(args.backends)),
             source=args.model or random_source(preset, args.weights_seed),
@@ -170,6 +170,8 @@ def options_from_args(args, command: str, engines: Path):
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    check_writable(opts.out)  # last: a usage error creates nothing
+    return opts
 
 
 def run_main(argv: list[str]) -> int:
@@ -180,8 +182,11 @@ def run_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     command = shlex.join(["litefocus-bench", *argv])
-    with tempfile.TemporaryDirectory(prefix="litefocus-bench-") as tmp:
-        engines = args.engines or (Path(tmp) / "engines" if args.quick else Path("engines"))
+    with contextlib.ExitStack() as stack:
+        engines = args.engines
+        if engines is None and args.quick:  # a smoke run leaves no engines behind
+            engines = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="litefocus-bench-")))
+        engines = engines or Path("engines")
         try:
             opts = options_from_args(args, command, engines)
         except UsageError as e:

@@ -31,6 +31,12 @@ BACKENDS = TORCH_BACKENDS + ENGINE_BACKENDS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
+ONNXRUNTIME_GPU_HINT = (
+    "ONNX Runtime's CUDA EP is not available: install onnxruntime-gpu alone "
+    "(pip uninstall onnxruntime, then pip install --force-reinstall onnxruntime-gpu)"
+)
+
+
 class Unavailable(RuntimeError):
     """This backend cannot run on this machine (the reason is recorded in the results, not raised)."""
 
@@ -69,11 +75,11 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return INSTALL_HINT
         if device.type != "cuda":
             return "TensorRT needs a CUDA GPU (--device cuda)"
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return "onnxruntime not installed (pip install onnxruntime)"
+    if backend == "onnxruntime" and device.type == "cuda":  # known before any export is spent on it
+        from litefocus.export.validate import onnxruntime_providers
+
+        if "CUDAExecutionProvider" not in onnxruntime_providers():
+            return ONNXRUNTIME_GPU_HINT
     return None
 
 
@@ -223,8 +229,7 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         provider = session.get_providers()[0] if session is not None else backend
         if session is not None and (provider == "CUDAExecutionProvider") != (spec.device.type == "cuda"):
             raise Unavailable(
-                f"ONNX Runtime runs on {provider}, not on {spec.device}: for --device cuda install "
-                "onnxruntime-gpu alone (uninstall the CPU onnxruntime package first)"
+                f"ONNX Runtime runs on {provider}, not on {spec.device}: {ONNXRUNTIME_GPU_HINT}"
             )
     except BaseException:
         runtime.close()

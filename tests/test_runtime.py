@@ -281,3 +281,13 @@ def test_auto_backend_uses_onnxruntime_without_tensorrt_engines(engines_on):
     with Runtime.load(engines_on) as rt:
         name = rt.bucket_for(SECONDS)
         assert rt._resolve_backend(name, rt.entries[name]) == "onnxruntime"
+
+
+def test_open_entry_by_name(runtime_on):
+    name = next(iter(runtime_on.entries))
+    unet, decode, unet_c, decode_c = runtime_on.open_entry(name)
+    assert unet.name == "onnxruntime" and unet.session.get_providers()[0] == "CPUExecutionProvider"
+    assert unet_c.bucket.frames == runtime_on.entries[name]["bucket"]["frames"] == decode_c.bucket.frames
+    assert runtime_on.open_entry(name)[0] is unet  # opened once
+    with pytest.raises(ValueError, match=r"no entry '99s-fp16'; it has"):
+        runtime_on.open_entry("99s-fp16")
