@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from litefocus.bench.targets import BACKENDS
+from litefocus.runtime.sampling import SCHEDULERS
 
 logger = logging.getLogger("litefocus.bench")
 
@@ -71,7 +73,27 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a hub id or local diffusers directory instead of random weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "fp16"], help="default fp16 on a GPU, fp32 on CPU")
-    p.add_argument("--steps", type=int, help="DDIM steps of the full generation (default 25; 0 skips it)")
+    p.add_argument("--steps", type=int, help="steps of the full generation (default 25; 0 skips it)")
+    p.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="ddim",
+        help="scheduler of the full generation (default ddim)",
+    )
+    p.add_argument(
+        "--generate-at",
+        type=float,
+        nargs="+",
+        metavar="S",
+        help="run the full generation only at these of --seconds (default: at all of them)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="start no row after this many seconds; the rest are recorded as skipped (budget). "
+        "SIGTERM (e.g. from timeout) also stops the run and still writes what it measured",
+    )
     p.add_argument("--warmup", type=int, help="untimed UNet steps before timing (default 2)")
     p.add_argument("--repeats", type=int, help="timed UNet steps (default 5)")
     p.add_argument("--text-len", type=int, help="T5 sequence length of the engines (default 128)")
@@ -158,6 +180,9 @@ def options_from_args(args, command: str, engines: Path):
             device=device,
             precision=args.precision or ("fp16" if dev.type == "cuda" else "fp32"),
             steps=pick("steps"),
+            scheduler=args.scheduler,
+            generate_at=None if args.generate_at is None else tuple(args.generate_at),
+            time_budget_s=args.time_budget,
             warmup=pick("warmup"),
             repeats=pick("repeats"),
             text_len=pick("text_len"),
@@ -174,9 +199,15 @@ def options_from_args(args, command: str, engines: Path):
     return opts
 
 
+def _stop(signum, frame):
+    from litefocus.bench.run import Stopped
+
+    raise Stopped(signal.Signals(signum).name)
+
+
 def run_main(argv: list[str]) -> int:
     from litefocus.bench.report import write_report
-    from litefocus.bench.run import run_benchmark, write_record
+    from litefocus.bench.run import Stopped, run_benchmark, write_record
 
     p = build_run_parser()
     args = p.parse_args(argv)
@@ -191,10 +222,16 @@ def run_main(argv: list[str]) -> int:
             opts = options_from_args(args, command, engines)
         except UsageError as e:
             p.error(str(e))
+        signal.signal(signal.SIGTERM, _stop)  # a time limit ends the run cleanly, with its record
         try:
-            record = run_benchmark(opts)
+            record = run_benchmark(opts, checkpoint=opts.out)
         except (ValueError, OSError) as e:  # e.g. a --model that is not an AudioLDM2 pipeline
             p.error(f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+        except Stopped as e:
+            logger.error("litefocus-bench: stopped (%s) before any row was measured", e or "SIGTERM")
+            return 1
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     path = write_record(record, opts.out)
     md, png = write_report([record], path.with_suffix(""))
     logger.info("wrote %s, %s, %s", path, md, png)

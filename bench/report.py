@@ -71,6 +71,12 @@ def _sorted_rows(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def backend_label(row: dict) -> str:
+    """The backend, with its torch.compile mode when that is not the default (e.g. CUDA graphs)."""
+    mode = row.get("compile_mode")
+    return row["backend"] + (f" ({mode})" if mode not in (None, "default") else "")
+
+
 def _fmt(x, spec: str = ".1f", none: str = "–") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return none
@@ -102,7 +108,9 @@ def render_markdown(record: dict) -> str:
         f"- command: `{record['command']}`",
         f"- model `{opts['source']}`, batch 2 (CFG), T5 length {opts['text_len']}, LiteFocus "
         f"r = {opts['litefocus']['sparse_ratio']} at F = {opts['litefocus']['freq_bins']}; "
-        f"{opts['warmup']} warm-up + {opts['repeats']} timed steps; generation = {opts['steps']} DDIM steps + decode",
+        f"{opts['warmup']} warm-up + {opts['repeats']} timed steps; generation = {opts['steps']} "
+        f"{opts.get('scheduler', 'ddim').upper()} steps + decode"
+        + (f" at {', '.join(f'{x:g}' for x in opts['generate_at'])} s" if opts.get("generate_at") else ""),
         f"- dense matmul ceiling: {ceil['tflops']:.3f} TFLOP/s ({ceil['dtype']}, {ceil['n']}³)",
         "",
         "| seconds | backend | precision | step p50 ms | p10 – p90 ms | vs diffusers | compile s "
@@ -113,7 +121,7 @@ def render_markdown(record: dict) -> str:
     for r in _sorted_rows(record["rows"]):
         s = sp.get((r["backend"], r["seconds"], r["precision"]))
         lines.append(
-            f"| {r['seconds']:g} | {r['backend']} | {r['precision']} | {_fmt(r['step_ms_p50'])} "
+            f"| {r['seconds']:g} | {backend_label(r)} | {r['precision']} | {_fmt(r['step_ms_p50'])} "
             f"| {_fmt(r['step_ms_p10'])} – {_fmt(r['step_ms_p90'])} | {_fmt(s, '.2f')}{'x' if s else ''} "
             f"| {_fmt(r.get('compile_s'))} | {_fmt(r['generate_s'])} | {_fmt(r['peak_mem_mb'], '.0f')} "
             f"| {_fmt(r['step_gflop'], '.4g')} | {_fmt(r['achieved_tflops'], '.3f')} "

@@ -50,6 +50,7 @@ from litefocus.config import LiteFocusConfig
 from litefocus.engine.manifest import library_versions
 from litefocus.fileio import atomic_write_bytes
 from litefocus.runtime.sampling import (
+    SCHEDULERS,
     Conditioning,
     denoise,
     index_specs,
@@ -75,7 +76,7 @@ ROW_FIELDS = (  # every measured row has these (None where a value does not appl
     "step_gflop",
     "achieved_tflops",
 )
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(os.environ.get("LITEFOCUS_SOURCE_DIR") or Path(__file__).resolve().parent.parent)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -95,6 +96,9 @@ class BenchOptions:
     compile_mode: str = "default"
     litefocus: LiteFocusConfig = field(default_factory=LiteFocusConfig)
     seed: int = 0
+    scheduler: str = "ddim"  # of the full generation
+    generate_at: tuple[float, ...] | None = None  # buckets that run the full generation (None: all)
+    time_budget_s: float | None = None  # no row starts after this many seconds of the run
     quiet: bool = False
     command: str = ""
 
@@ -110,11 +114,28 @@ class BenchOptions:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise ValueError(f"time budget must be > 0 seconds, got {self.time_budget_s!r}")
         object.__setattr__(self, "seconds", tuple(Bucket.for_seconds(s).seconds for s in self.seconds))
+        if self.generate_at is not None:
+            at = tuple(Bucket.for_seconds(s).seconds for s in self.generate_at)
+            missing = [s for s in at if s not in self.seconds]
+            if missing:
+                raise ValueError(
+                    f"generate_at {missing} are not among the measured seconds {list(self.seconds)}"
+                )
+            object.__setattr__(self, "generate_at", at)
+
+    def generates(self, seconds: float) -> bool:
+        """Whether the bucket of ``seconds`` runs the full generation."""
+        return bool(self.steps) and (self.generate_at is None or seconds in self.generate_at)
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("litefocus", "quiet")}
         d.update(seconds=list(self.seconds), backends=list(self.backends), engines=str(self.engines))
+        d.update(generate_at=None if self.generate_at is None else list(self.generate_at))
         d.update(out=str(self.out), litefocus=self.litefocus.to_dict())
         return d
 
@@ -129,13 +150,17 @@ def git_commit() -> dict:
             return None
 
     commit = git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("LITEFOCUS_GIT_COMMIT"):  # a copied tree without .git (GPU machine)
+        return {"commit": os.environ["LITEFOCUS_GIT_COMMIT"], "dirty": None, "changed": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     changed = [line[3:] for line in status.splitlines()] if status else []
     return {"commit": commit, "dirty": bool(changed) if status is not None else None, "changed": changed}
 
 
-def generate(target: Target, source: str, steps: int, seed: int, progress: bool) -> dict:
-    """A full generation through the runtime's loop: ``steps`` DDIM steps + decode, timed."""
+def generate(
+    target: Target, source: str, steps: int, seed: int, progress: bool, scheduler: str = "ddim"
+) -> dict:
+    """A full generation through the runtime's loop: ``steps`` scheduler steps + decode, timed."""
     c = target.contract
     inputs = c.sample_inputs(seed)  # random conditioning: random weights have no text encoders
     cond = Conditioning(
@@ -144,7 +169,7 @@ def generate(target: Target, source: str, steps: int, seed: int, progress: bool)
         inputs["encoder_attention_mask_1"],
     )
     generator = torch.Generator().manual_seed(seed)
-    sched = make_scheduler("ddim", scheduler_config(source))
+    sched = make_scheduler(scheduler, scheduler_config(source))
     latents = initial_latents((c.batch // 2, *c.bucket.latent_shape), generator, sched)
     t0 = time.perf_counter()
     latents = denoise(
@@ -161,7 +186,7 @@ def generate(target: Target, source: str, steps: int, seed: int, progress: bool)
     )
     t1 = time.perf_counter()
     wave = target.decode({"latent": latents.to(target.decode_contract.inputs[0].torch_dtype)})
-    t2 = time.perf_counter()
+    t2 = time.perf_counter()  # the decode backend returns a host tensor: its work is done
     if not torch.isfinite(wave).all():
         raise RuntimeError(f"{target.backend}: the generated waveform is not finite")
     return {"generate_s": t2 - t0, "denoise_s": t1 - t0, "decode_s": t2 - t1}
@@ -181,8 +206,8 @@ def measure_row(
     times = time_ms(step, device, opts.warmup, opts.repeats)
     stats = summarize_ms(times)
     gen = {"generate_s": None, "denoise_s": None, "decode_s": None}
-    if opts.steps:
-        gen = generate(target, opts.source, opts.steps, opts.seed, progress=not opts.quiet)
+    if opts.generates(c.bucket.seconds):
+        gen = generate(target, opts.source, opts.steps, opts.seed, not opts.quiet, opts.scheduler)
     gflop = flops["total"] / 1e9
     achieved = gflop / stats["p50"]  # GFLOP per ms = TFLOP/s
     return {
@@ -211,7 +236,9 @@ def measure_row(
         # compilation = the first call minus one warm step
         "compile_s": max(0.0, first_s - stats["p50"] / 1e3) if target.compiled else None,
         "max_abs_vs_eager": max_abs_vs_eager,  # compiled targets: first output vs the eager module
-        "steps": opts.steps,
+        "steps": opts.steps if gen["generate_s"] is not None else 0,
+        "scheduler": opts.scheduler if gen["generate_s"] is not None else None,
+        "compile_mode": opts.compile_mode if target.compiled else None,
         "denoise_s": gen["denoise_s"],
         "decode_s": gen["decode_s"],
         "warmup": opts.warmup,
@@ -219,7 +246,13 @@ def measure_row(
         "step_ms_all": times,
         "mem_kind": mem.kind,
         "self_attention_gflop": flops["self_attention"] / 1e9,
+        **target.extra,
     }
+
+
+class Stopped(BaseException):
+    """Raised by the SIGTERM handler of ``litefocus-bench`` (e.g. ``timeout``): the row in progress and
+    the rest are recorded as skipped (status ``budget``) and the record is still written."""
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
@@ -231,10 +264,17 @@ def _failure(exc: BaseException) -> tuple[str, str]:
     return "failed", text.splitlines()[0][:500] if text else type(exc).__name__
 
 
-def run_benchmark(opts: BenchOptions) -> dict:
-    """Measure every (backend, bucket) of ``opts``; returns the run record (rows + skipped + context)."""
+def run_benchmark(opts: BenchOptions, checkpoint: Path | None = None) -> dict:
+    """Measure every (backend, bucket) of ``opts``; returns the run record (rows + skipped + context).
+
+    ``checkpoint``: a JSON path rewritten (atomically) after every row, so a run killed halfway (a
+    ``timeout`` on a lent GPU) still leaves what it measured. Once ``opts.time_budget_s`` has passed,
+    the remaining rows are recorded as skipped with status ``budget``, not started.
+    """
     from litefocus.models import unet_structure
 
+    started = time.perf_counter()
+    created = dt.datetime.now(dt.timezone.utc)
     device = torch.device(opts.device)
     spec = TargetSpec(
         source=opts.source,
@@ -262,12 +302,22 @@ def run_benchmark(opts: BenchOptions) -> dict:
     )
     models = TorchModels(spec)
     rows, skipped = [], []
+    stopped = None  # set once a Stopped arrives: no further row starts
     pairs = [(backend, b) for backend in opts.backends for b in buckets]
     last_torch = max((i for i, (bk, _) in enumerate(pairs) if bk in TORCH_BACKENDS), default=-1)
     bar = tqdm(pairs, desc="litefocus-bench", unit="row", disable=opts.quiet)
     for i, (backend, bucket) in enumerate(bar):
         bar.set_postfix_str(f"{backend} {bucket.seconds:g} s")
         target = None
+        elapsed = time.perf_counter() - started
+        if stopped or (opts.time_budget_s is not None and elapsed > opts.time_budget_s):
+            reason = (
+                stopped or f"the run's time budget of {opts.time_budget_s:g} s was spent ({elapsed:.0f} s)"
+            )
+            skipped.append(
+                {"backend": backend, "seconds": bucket.seconds, "status": "budget", "reason": reason}
+            )
+            continue
         try:
             t0 = time.perf_counter()
             target = open_target(backend, bucket, spec, models)
@@ -285,6 +335,14 @@ def run_benchmark(opts: BenchOptions) -> dict:
                 row["step_ms_p90"],
                 row["achieved_tflops"],
             )
+        except Stopped as e:
+            why = str(e) or "SIGTERM"
+            reason = f"stopped during this row ({why})"
+            skipped.append(
+                {"backend": backend, "seconds": bucket.seconds, "status": "budget", "reason": reason}
+            )
+            logger.warning("%s %g s: %s", backend, bucket.seconds, reason)
+            stopped = f"not started: the run was stopped ({why})"
         except Exception as e:  # noqa: BLE001 - one row failing is a result, not the end of the run
             status, reason = _failure(e)
             log = logger.info if status == "unavailable" else logger.warning
@@ -298,14 +356,22 @@ def run_benchmark(opts: BenchOptions) -> dict:
                 target.close()
             if i == last_torch:
                 models.drop()  # the engine rows should not carry the PyTorch weights in their memory
+            if checkpoint is not None:
+                write_record(make_record(opts, device, ceiling, rows, skipped, git, created), checkpoint)
     bar.close()
-    return make_record(opts, device, ceiling, rows, skipped, git)
+    return make_record(opts, device, ceiling, rows, skipped, git, created)
 
 
 def make_record(
-    opts: BenchOptions, device: torch.device, ceiling: dict, rows: list, skipped: list, git: dict
+    opts: BenchOptions,
+    device: torch.device,
+    ceiling: dict,
+    rows: list,
+    skipped: list,
+    git: dict,
+    created: dt.datetime | None = None,
 ) -> dict:
-    created = dt.datetime.now(dt.timezone.utc)
+    created = created or dt.datetime.now(dt.timezone.utc)
     return {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "litefocus-bench",
@@ -326,9 +392,14 @@ def make_record(
     }
 
 
+def record_path(out: Path, device_type: str, created: str) -> Path:
+    return out / f"unet-{device_type}-{created}.json"
+
+
 def write_record(record: dict, out: Path) -> Path:
-    """``out/unet-<device type>-<created>.json`` (atomic); returns its path."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"unet-{record['device_type']}-{record['created']}.json"
+    """The record as JSON (atomic) at ``out``: a ``.json`` path, or a directory that gets
+    ``unet-<device type>-<created>.json``; returns its path."""
+    path = out if out.suffix == ".json" else record_path(out, record["device_type"], record["created"])
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
     return path

@@ -111,11 +111,14 @@ class Target:
     module: torch.nn.Module | None = None  # PyTorch backends: called directly for step timing
     compiled: bool = False
     provider: str | None = None
+    extra: dict = field(default_factory=dict)  # recorded in the row as is (e.g. an engine's validation)
     _cleanup: list = field(default_factory=list)
 
     def step_fn(self, inputs: dict[str, torch.Tensor]):
         """One UNet call on ``inputs`` placed on the device once (the timed unit)."""
         if self.module is None:
+            if getattr(self.unet, "on_cuda", False):  # ONNX Runtime CUDA EP: IO binding, no host copies
+                return self.unet.bind(inputs)
             return lambda: self.unet(inputs)
         device = next(self.module.parameters()).device
         args = [inputs[name].to(device) for name in self.contract.input_names]
@@ -211,6 +214,7 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         text_len=spec.text_len,
         litefocus=spec.litefocus,
         quiet=spec.quiet,
+        device=str(spec.device),
     )
     export_engines(opts)
     runtime = Runtime.load(spec.engines, backend=backend, device=spec.device)
@@ -234,6 +238,15 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     except BaseException:
         runtime.close()
         raise
-    target = Target(backend, contract, decode_contract, unet=unet, decode=decode, provider=provider)
+    modules = runtime.manifest["entries"][name]["modules"]
+    extra = {  # the export's own check of these graphs against PyTorch (max error / output RMS)
+        "validation": {
+            m: {"provider": modules[m]["validation"]["provider"], **modules[m]["validation"]["outputs"]}
+            for m in ("unet", "decode")
+        }
+    }
+    target = Target(
+        backend, contract, decode_contract, unet=unet, decode=decode, provider=provider, extra=extra
+    )
     target._cleanup.append(runtime.close)
     return target

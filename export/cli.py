@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="resample: global indices are an engine input; fixed: baked per layer",
     )
     p.add_argument("--litefocus-seed", type=int, default=0, help="seed of the LiteFocus index sample")
+    p.add_argument(
+        "--device",
+        default="cuda" if gpu else "cpu",
+        help="where PyTorch traces and validates the modules (default: cuda when there is a GPU)",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when a cached entry matches")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     return p
@@ -123,6 +128,9 @@ def options_from_args(args: argparse.Namespace):
             ):
                 msg = msg.replace(f"LiteFocusConfig.{field}", flag)
             raise UsageError(msg) from None
+    device = _check_device(args.device)
+    if args.precision == "fp16" and device == "cpu":
+        logger.warning("fp16 on CPU: tracing and validation are slow there; export fp16 with --device cuda")
     model = None if args.random_weights else (args.model or "cvssp/audioldm2")
     if model is not None:
         path = Path(model).expanduser()
@@ -141,7 +149,24 @@ def options_from_args(args: argparse.Namespace):
         litefocus=config,
         force=args.force,
         quiet=args.quiet,
+        device=device,
     )
+
+
+def _check_device(raw: str) -> str:
+    """A usable torch device string (cpu, cuda, cuda:N), or a UsageError naming the fix."""
+    try:
+        dev = torch.device(raw)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {raw!r} is not a device ({e}); use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {raw!r}: use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {raw}: this machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {raw}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
 
 
 def _check_model_dir(path: Path, raw: str) -> None:

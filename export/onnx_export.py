@@ -73,16 +73,19 @@ class UNetExportModule(torch.nn.Module):
                 self.handle.set_indices(None)
 
 
-def export_onnx(module: torch.nn.Module, contract, onnx_path: Path, *, seed: int = 0) -> tuple[Path, Path]:
+def export_onnx(
+    module: torch.nn.Module, contract, onnx_path: Path, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Path, Path]:
     """Trace ``module`` at the contract's static shapes into ``onnx_path`` + ``<name>.data``.
 
-    The module must already be in the contract's precision. Returns (graph, weights) paths.
+    The module must already be in the contract's precision and on ``device`` (fp16 is traced on a
+    GPU: CPU fp16 kernels are slow or missing). Returns (graph, weights) paths.
     """
     onnx_path = Path(onnx_path)
     raw_dir = onnx_path.parent / (onnx_path.stem + ".raw")
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_dir / onnx_path.name
-    args = tuple(contract.sample_inputs(seed)[name] for name in contract.input_names)
+    args = tuple(contract.sample_inputs(seed)[name].to(device) for name in contract.input_names)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -52,6 +52,7 @@ class ExportOptions:
     litefocus: LiteFocusConfig | None = field(default_factory=LiteFocusConfig)
     force: bool = False
     quiet: bool = False
+    device: str = "cpu"  # where the PyTorch modules are traced and run for validation (fp16: cuda)
 
 
 def resolve_backend(backend: str) -> str:
@@ -104,7 +105,9 @@ class Components:
             from litefocus.models import load_components
 
             dtype = torch.float16 if self.opts.precision == "fp16" else torch.float32
-            unet, vae, vocoder = load_components(self.identity["source"], dtype=dtype)
+            unet, vae, vocoder = load_components(
+                self.identity["source"], dtype=dtype, device=self.opts.device
+            )
             handle = litefocus.install(unet, self.opts.litefocus) if self.opts.litefocus is not None else None
             self._models = (unet, handle, vae, vocoder)
         return self._models
@@ -181,7 +184,8 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, bac
     returns its manifest record."""
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
-    graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx")
+    device = next(module.parameters()).device
+    graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device)
     export_s = time.perf_counter() - t0
     bar.update()
     bar.set_postfix_str(f"{name}: audit")
@@ -189,7 +193,7 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, bac
     bar.update()
     bar.set_postfix_str(f"{name}: validate")
     t1 = time.perf_counter()
-    validation = validate(graph, module, contract)
+    validation = validate(graph, module, contract, device=device)
     validation["seconds"] = time.perf_counter() - t1
     bar.update()
     files = {"onnx": mf.file_record(graph, entry), "data": mf.file_record(data, entry)}

@@ -50,7 +50,9 @@ def compare(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
     }
 
 
-def validate(onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 1, providers=None) -> dict:
+def validate(
+    onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 1, providers=None, device="cpu"
+) -> dict:
     """Run graph and module on ``contract.sample_inputs(seed)``; raise ValidationError above tolerance.
 
     Returns {"provider", "seed", "tolerance", "outputs": {name: {max_abs, max_rel_rms, ref_rms}}}.
@@ -60,8 +62,9 @@ def validate(onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 
     feeds = {name: inputs[name].numpy() for name in contract.input_names}
     got = session.run(contract.output_names, feeds)
     with torch.no_grad():
-        want = module(*(inputs[name] for name in contract.input_names))
+        want = module(*(inputs[name].to(device) for name in contract.input_names))
     want = [want] if isinstance(want, torch.Tensor) else list(want)
+    want = [w.float().cpu() for w in want]
     tol = contract.tolerance
     report = {"provider": session.get_providers()[0], "seed": seed, "tolerance": tol, "outputs": {}}
     for name, g, w in zip(contract.output_names, got, want, strict=True):
