@@ -59,14 +59,19 @@ def speedups(record: dict) -> dict[tuple[str, float, str], float]:
     for r in record["rows"]:
         ref = base.get((r["seconds"], r["precision"]))
         if ref is not None:
-            out[r["backend"], r["seconds"], r["precision"]] = ref / r["step_ms_p50"]
+            out[backend_label(r), r["seconds"], r["precision"]] = ref / r["step_ms_p50"]
     return out
 
 
 def _sorted_rows(rows: list[dict]) -> list[dict]:
     def key(r):
-        b = r["backend"]
-        return (r["seconds"], r["precision"], BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99, b)
+        b = r["backend"].split(" ")[0]  # a label's backend (e.g. "litefocus-compile (reduce-overhead)")
+        return (
+            r["seconds"],
+            r["precision"],
+            BACKEND_ORDER.index(b) if b in BACKEND_ORDER else 99,
+            r["backend"],
+        )
 
     return sorted(rows, key=key)
 
@@ -119,7 +124,7 @@ def render_markdown(record: dict) -> str:
     ]
     sp = speedups(record)
     for r in _sorted_rows(record["rows"]):
-        s = sp.get((r["backend"], r["seconds"], r["precision"]))
+        s = sp.get((backend_label(r), r["seconds"], r["precision"]))
         lines.append(
             f"| {r['seconds']:g} | {backend_label(r)} | {r['precision']} | {_fmt(r['step_ms_p50'])} "
             f"| {_fmt(r['step_ms_p10'])} – {_fmt(r['step_ms_p90'])} | {_fmt(s, '.2f')}{'x' if s else ''} "
@@ -149,8 +154,8 @@ def render_comparison(records: list[dict]) -> str:
     head = "| seconds | backend | precision | " + " | ".join(f"run {i + 1} ms" for i in range(len(records)))
     head += " | " + " | ".join(f"run {i + 1} / run 1" for i in range(1, len(records))) + " |"
     lines += ["", head, "|---:|---|---|" + "---:|" * (2 * len(records) - 1)]
-    keys = {(r["backend"], r["seconds"], r["precision"]) for rec in records for r in rec["rows"]}
-    by_run = [{(r["backend"], r["seconds"], r["precision"]): r for r in rec["rows"]} for rec in records]
+    keys = {(backend_label(r), r["seconds"], r["precision"]) for rec in records for r in rec["rows"]}
+    by_run = [{(backend_label(r), r["seconds"], r["precision"]): r for r in rec["rows"]} for rec in records]
     rows = _sorted_rows([{"backend": b, "seconds": s, "precision": p} for b, s, p in keys])
     for k in ((r["backend"], r["seconds"], r["precision"]) for r in rows):
         ms = [run.get(k, {}).get("step_ms_p50") for run in by_run]
@@ -178,21 +183,20 @@ def plot(records: list[dict], path: Path) -> Path:
     many = len(records) > 1
     for i, record in enumerate(records):
         sp = speedups(record)
-        for backend in sorted(
-            {r["backend"] for r in record["rows"]}, key=lambda b: (b not in BACKEND_ORDER, b)
+        for label in sorted(
+            {backend_label(r) for r in record["rows"]}, key=lambda b: (b not in BACKEND_ORDER, b)
         ):
-            for precision in sorted({r["precision"] for r in record["rows"] if r["backend"] == backend}):
-                rs = sorted(
-                    (r for r in record["rows"] if r["backend"] == backend and r["precision"] == precision),
-                    key=lambda r: r["seconds"],
-                )
-                label = f"{backend} {precision}" + (f" (run {i + 1})" if many else "")
+            backend = label.split(" ")[0]
+            of_label = [r for r in record["rows"] if backend_label(r) == label]
+            for precision in sorted({r["precision"] for r in of_label}):
+                rs = sorted((r for r in of_label if r["precision"] == precision), key=lambda r: r["seconds"])
+                name = f"{label} {precision}" + (f" (run {i + 1})" if many else "")
                 # one colour per backend, one line style / marker per run
                 style = {
                     "color": f"C{BACKEND_ORDER.index(backend) if backend in BACKEND_ORDER else 9}",
-                    "ls": ("-", "--", ":", "-.")[i % 4],
-                    "marker": "osD^v"[i % 5],
-                    "label": label,
+                    "ls": ("-", "--", ":", "-.")[(i + (label != backend)) % 4],
+                    "marker": "osD^v"[(i + (label != backend)) % 5],
+                    "label": name,
                 }
                 x = [r["seconds"] for r in rs]
                 y = [r["step_ms_p50"] for r in rs]
@@ -201,7 +205,7 @@ def plot(records: list[dict], path: Path) -> Path:
                     [r["step_ms_p90"] - r["step_ms_p50"] for r in rs],
                 ]
                 ax_t.errorbar(x, y, yerr=err, capsize=3, **style)
-                s = [(r["seconds"], sp.get((backend, r["seconds"], precision))) for r in rs]
+                s = [(r["seconds"], sp.get((label, r["seconds"], precision))) for r in rs]
                 s = [(a, b) for a, b in s if b is not None]
                 if s:
                     ax_s.plot([a for a, _ in s], [b for _, b in s], **style)

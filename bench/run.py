@@ -143,15 +143,15 @@ class BenchOptions:
 def git_commit() -> dict:
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(
+            return subprocess.run(  # rstrip only: porcelain lines start with a status column
                 ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True, timeout=10
-            ).stdout.strip()
+            ).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("LITEFOCUS_GIT_COMMIT"):  # a copied tree without .git (GPU machine)
+    if os.environ.get("LITEFOCUS_GIT_COMMIT"):  # a copied tree (GPU machine): its .git may be stale or absent
         return {"commit": os.environ["LITEFOCUS_GIT_COMMIT"], "dirty": None, "changed": None}
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     changed = [line[3:] for line in status.splitlines()] if status else []
     return {"commit": commit, "dirty": bool(changed) if status is not None else None, "changed": changed}
@@ -317,6 +317,8 @@ def run_benchmark(opts: BenchOptions, checkpoint: Path | None = None) -> dict:
             skipped.append(
                 {"backend": backend, "seconds": bucket.seconds, "status": "budget", "reason": reason}
             )
+            if checkpoint is not None:
+                write_record(make_record(opts, device, ceiling, rows, skipped, git, created), checkpoint)
             continue
         try:
             t0 = time.perf_counter()

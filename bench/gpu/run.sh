@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The prepared GPU measurement (see bench/gpu/README.md). Run from the checkout root:
 #
-#   OUT=/some/dir bench/gpu/run.sh [stash] [A] [B]   # on the lent GPU machine (default: A)
+#   OUT=/some/dir bench/gpu/run.sh [stash] [A] [A2] [B]   # on the lent GPU machine (default: A)
 #   bench/gpu/run.sh --dry-run                       # anywhere, no GPU: the rehearsal CI runs
 #
 #   stash  copy the onnxruntime-gpu parts carried in this command (.ort/c*/) to /tmp, where they
 #          wait for the next commands on the same warm machine
-#   A      PyTorch fp16 rows (eager, torch.compile, CUDA graphs), <= 6 minutes
+#   A      PyTorch fp16: eager at 10-160 s, torch.compile + CUDA graphs at 80 s, <= 6 minutes
+#   A2     PyTorch fp16: torch.compile (default mode) at 80 s, <= 5 minutes
 #   B      the fp16 export of the 80 s bucket + ONNX Runtime CUDA EP rows, once every part is there
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
@@ -63,7 +64,7 @@ dry_run() {
     mkdir -p "$out" && [ -w "$out" ] || die "OUT=$out is not a writable directory"
   fi
   "$PY" -m litefocus.bench.gpu_plan check --out "$tmp/results" || exit 1
-  echo "run.sh: dry run passed (phases A and B planned; outputs fit the machine's limits)"
+  echo "run.sh: dry run passed (phases A, A2 and B planned; outputs fit the machine's limits)"
 }
 
 stash() {
@@ -122,10 +123,10 @@ installed=
 for step in "$@"; do
   case "$step" in
     stash) stash ;;
-    A) [ -n "$installed" ] || { install_base; installed=1; }; phase A || rc=1 ;;
+    A|A2) [ -n "$installed" ] || { install_base; installed=1; }; phase "$step" || rc=1 ;;
     B) [ -n "$installed" ] || { install_base; installed=1; }
        if install_ort; then phase B || rc=1; fi ;;
-    *) die "unknown step '$step'; use --dry-run, stash, A or B" ;;
+    *) die "unknown step '$step'; use --dry-run, stash, A, A2 or B" ;;
   esac
 done
 exit $rc

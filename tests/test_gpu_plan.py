@@ -1,0 +1,218 @@
+"""The prepared GPU measurement and what the first H100 run found: the plan and its dry run, clean
+stops at a time budget, fp16 validation at the precision's resolution, the recorded git state,
+compile-mode labels, export --device, ONNX Runtime IO binding's guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from litefocus.bench import gpu_plan
+from litefocus.bench import run as bench_run
+from litefocus.bench.cli import main as bench_main
+from litefocus.bench.report import backend_label, render_comparison, render_markdown
+from litefocus.bench.run import BenchOptions, Stopped, run_benchmark
+from litefocus.export.validate import compare, within_tolerance
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_plan_checks_out_and_fits_what_comes_back(tmp_path):
+    assert gpu_plan.check(tmp_path) == []
+    for phase in gpu_plan.PHASES.values():
+        names = gpu_plan.output_names(phase)
+        assert len(names) <= gpu_plan.MAX_OUT_FILES and len(set(names)) == len(names)
+        for run in phase.runs:
+            argv = gpu_plan.bench_argv(run, tmp_path)
+            assert argv[:4] == ["--device", "cuda", "--precision", "fp16"] and argv[-2:] == [
+                "--out",
+                str(tmp_path),
+            ]
+
+
+def test_a_bad_planned_run_is_reported(tmp_path, monkeypatch):
+    bad = gpu_plan.Phase("A", 60, (gpu_plan.Run("x", ("--seconds", "-3"), 60),), "bad")
+    monkeypatch.setattr(gpu_plan, "PHASES", {"A": bad})
+    (problem,) = gpu_plan.check(tmp_path)
+    assert "run x" in problem and "-3" in problem
+
+
+def test_rehearsal_maps_every_length_to_the_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setenv(gpu_plan.REHEARSE_ENV, "1")
+    for phase in gpu_plan.PHASES.values():
+        for run in phase.runs:
+            argv = gpu_plan.bench_argv(run, tmp_path)
+            assert argv[:8] == [
+                "--device",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--preset",
+                "tiny",
+                "--text-len",
+                "16",
+            ]
+            for flag in ("--seconds", "--generate-at"):
+                if flag in argv:
+                    assert argv[argv.index(flag) + 1] == "5" and not argv[argv.index(flag) + 2].isdigit()
+
+
+def test_dry_run_script_passes():
+    env = dict(os.environ, PYTHON=sys.executable)
+    p = subprocess.run(
+        ["bash", "bench/gpu/run.sh", "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "dry run passed" in p.stdout
+    bad = subprocess.run(
+        ["bash", "bench/gpu/run.sh", "nope"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "unknown step 'nope'" in bad.stderr
+
+
+def test_wheel_pins_are_exact_and_hashed():
+    lines = [ln for ln in (REPO / "bench/gpu/wheels.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    assert {ln.split()[1].split("==")[0] for ln in lines} >= {"diffusers", "onnxruntime-gpu"}
+    for ln in lines:
+        phase, req, h = ln.split()
+        assert phase in "AB" and "==" in req and h.startswith("--hash=sha256:") and len(h) == 14 + 64
+
+
+def _tiny_options(tmp_path, **kw):
+    base = dict(seconds=(5,), backends=("diffusers", "litefocus"), source="random:tiny:0", steps=0, warmup=0)
+    base.update(repeats=1, text_len=16, engines=tmp_path / "engines", out=tmp_path, quiet=True)
+    return BenchOptions(**{**base, **kw})
+
+
+def test_time_budget_skips_rows_and_still_writes_the_record(tmp_path):
+    rc = bench_main(
+        [
+            "--quick",
+            "--time-budget",
+            "0.001",
+            "--backends",
+            "diffusers",
+            "litefocus",
+            "--out",
+            str(tmp_path),
+            "-q",
+        ]
+    )
+    assert rc == 1  # nothing measured
+    (path,) = tmp_path.glob("unet-cpu-*.json")
+    record = json.loads(path.read_text())
+    assert record["rows"] == [] and [s["status"] for s in record["skipped"]] == ["budget", "budget"]
+    assert "time budget of 0.001 s" in record["skipped"][0]["reason"]
+
+
+def test_a_stop_mid_row_records_it_and_starts_nothing_after(tmp_path, monkeypatch):
+    def stop(*args, **kwargs):
+        raise Stopped("SIGTERM")
+
+    monkeypatch.setattr(bench_run, "open_target", stop)
+    record = run_benchmark(_tiny_options(tmp_path), checkpoint=tmp_path)
+    first, second = record["skipped"]
+    assert first["status"] == second["status"] == "budget"
+    assert first["reason"] == "stopped during this row (SIGTERM)"
+    assert second["reason"] == "not started: the run was stopped (SIGTERM)"
+    (path,) = tmp_path.glob("unet-cpu-*.json")  # the checkpoint after each row
+    assert json.loads(path.read_text())["skipped"] == record["skipped"]
+
+
+def test_dpm_generation_only_where_asked(tmp_path):
+    with pytest.raises(ValueError, match="generate_at"):
+        _tiny_options(tmp_path, generate_at=(10,))
+    opts = _tiny_options(tmp_path, seconds=(5, 10), steps=2, generate_at=(5,), scheduler="dpm++")
+    assert opts.generates(5.04) is False or opts.generates(opts.seconds[0])
+    assert opts.generates(opts.seconds[0]) and not opts.generates(opts.seconds[1])
+    with pytest.raises(ValueError, match="scheduler"):
+        _tiny_options(tmp_path, scheduler="euler")
+    record = run_benchmark(_tiny_options(tmp_path, backends=("litefocus",), steps=2, scheduler="dpm++"))
+    (row,) = record["rows"]
+    assert row["scheduler"] == "dpm++" and row["steps"] == 2 and row["generate_s"] > 0
+    assert "2 DPM++ steps + decode" in render_markdown(record)
+
+
+def test_fp16_resolution_floor():
+    # a random-weights vocoder in fp16: a ~1e-6 waveform, deep in fp16's subnormals (the H100 export)
+    rng = np.random.default_rng(0)
+    want = (rng.standard_normal(4096) * 1.7e-6).astype(np.float16)
+    ulp = np.float16(2**-24)
+    got = (want + ulp * rng.choice([-1, 0, 1], size=want.shape)).astype(np.float16)
+    r = compare(got.astype(np.float32), want.astype(np.float32), np.float16)
+    assert r["max_rel_rms"] > 0.02  # the relative tolerance alone would reject one ULP
+    assert within_tolerance(r, 0.02)
+    # a real error is still caught, in fp16 and fp32
+    for dtype in (np.float16, np.float32):
+        want = rng.standard_normal(4096).astype(dtype)
+        got = want * (1 + 0.05 * rng.standard_normal(4096)).astype(dtype)
+        r = compare(got.astype(np.float32), want.astype(np.float32), dtype)
+        assert not within_tolerance(r, 0.02), dtype
+    # and the fp32 floor is far below any tolerance in use
+    assert compare(want.astype(np.float32), want.astype(np.float32))["resolution_abs"] < 1e-5
+
+
+def test_git_state_keeps_the_first_changed_path(tmp_path, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci/run").write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    (tmp_path / ".ci/run").write_text("b\n")
+    monkeypatch.setattr(bench_run, "REPO", tmp_path)
+    monkeypatch.delenv("LITEFOCUS_GIT_COMMIT", raising=False)
+    state = bench_run.git_commit()
+    assert state["dirty"] is True and state["changed"] == [".ci/run"]  # not "ci/run"
+    monkeypatch.setenv("LITEFOCUS_GIT_COMMIT", "abc123")  # a copied tree: the caller names the commit
+    assert bench_run.git_commit() == {"commit": "abc123", "dirty": None, "changed": None}
+
+
+def test_compile_modes_are_told_apart_in_reports():
+    row = {"backend": "litefocus-compile", "compile_mode": "reduce-overhead"}
+    assert backend_label(row) == "litefocus-compile (reduce-overhead)"
+    assert backend_label({"backend": "diffusers", "compile_mode": None}) == "diffusers"
+
+    def record(mode, ms):
+        r = {"backend": "diffusers-compile", "compile_mode": mode, "seconds": 80.0, "precision": "fp16"}
+        return {"created": mode, "device": "gpu", "git": {}, "rows": [{**r, "step_ms_p50": ms}]}
+
+    md = render_comparison([record("default", 46.5), record("reduce-overhead", 29.3)])
+    assert "| 80 | diffusers-compile | fp16 | 46.5 | – |" in md
+    assert "| 80 | diffusers-compile (reduce-overhead) | fp16 | – | 29.3 |" in md
+
+
+def test_export_device_is_checked(capsys):
+    from litefocus.export.cli import UsageError, _check_device
+
+    assert _check_device("cpu") == "cpu"
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(UsageError, match="--device"):
+            _check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA GPU"):
+            _check_device("cuda")
+
+
+def test_io_binding_needs_the_cuda_ep(tmp_path):
+    from litefocus.engine.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
+    backend.session = None
+    assert backend.on_cuda is False
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        backend.bind({})
