@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from litefocus.bench.targets import BACKENDS
+from litefocus.bench.targets import BACKENDS, ENGINE_BACKENDS
 from litefocus.runtime.sampling import SCHEDULERS
 
 logger = logging.getLogger("litefocus.bench")
@@ -140,6 +140,18 @@ def check_writable(out: Path) -> None:
         raise UsageError(f"--out {out} is not a writable directory ({e})") from None
 
 
+def check_engines_dir(engines: Path) -> None:
+    """--engines must be a new path, an empty folder or a litefocus engine directory."""
+    from litefocus.engine.manifest import MANIFEST
+
+    if engines.exists() and not engines.is_dir():
+        raise UsageError(f"--engines {engines} is a file; pass a new or engine directory")
+    if engines.is_dir() and any(engines.iterdir()) and not (engines / MANIFEST).is_file():
+        raise UsageError(
+            f"--engines {engines} is not empty and has no {MANIFEST}; pass a new or engine directory"
+        )
+
+
 def options_from_args(args, command: str, engines: Path):
     from litefocus.bench.run import BenchOptions
     from litefocus.config import LiteFocusConfig
@@ -195,6 +207,8 @@ def options_from_args(args, command: str, engines: Path):
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if any(b in ENGINE_BACKENDS for b in opts.backends):
+        check_engines_dir(engines)
     check_writable(opts.out)  # last: a usage error creates nothing
     return opts
 

@@ -40,16 +40,76 @@ class TorchBackend:
         self.module = None
 
 
+def _graph_tensors(graph):
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graph_tensors(sub)
+
+
+def check_external_data(onnx_path: Path, data_path: Path | None) -> None:
+    """Refuse a graph whose weights live anywhere but in ``data_path`` (its own, verified file), or
+    past that file's end; before ONNX Runtime opens anything. ValueError names the tensor and the fix."""
+    import onnx
+
+    fix = "re-export with litefocus-export --force"
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a corrupt file
+        raise ValueError(f"{onnx_path} is not a readable ONNX graph ({type(e).__name__}); {fix}") from None
+    size = data_path.stat().st_size if data_path is not None else 0
+    for t in _graph_tensors(model.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        if data_path is None or location != data_path.name:
+            raise ValueError(
+                f"{onnx_path.name}: tensor {t.name[:80]!r} reads its weights from {location[:80]!r}, not from "
+                f"the entry's own {data_path.name if data_path else 'weights file'}; {fix}"
+            )
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+        except (KeyError, ValueError):
+            raise ValueError(
+                f"{onnx_path.name}: tensor {t.name[:80]!r} has no valid external length; {fix}"
+            ) from None
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ValueError(
+                f"{onnx_path.name}: tensor {t.name[:80]!r} needs bytes {offset}..{offset + length} of "
+                f"{data_path.name}, which has {size} (truncated?); {fix}"
+            )
+
+
 class OnnxRuntimeBackend:
-    """An exported graph in ONNX Runtime (CUDA EP when installed, else CPU). ``run`` is thread-safe."""
+    """An exported graph in ONNX Runtime (CUDA EP when installed, else CPU). ``run`` is thread-safe.
+
+    ``data_path``: the graph's external weights file. Given it, the graph's external-data references
+    are checked against it before ONNX Runtime opens anything (an engine directory is untrusted)."""
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, contract, providers: list[str] | None = None):
+    def __init__(
+        self, onnx_path: Path, contract, providers: list[str] | None = None, data_path: Path | None = None
+    ):
         from litefocus.export.validate import open_session
 
         self.contract = contract
-        self.session = open_session(Path(onnx_path), providers)
+        onnx_path = Path(onnx_path)
+        if data_path is not None:
+            check_external_data(onnx_path, Path(data_path))
+        try:
+            self.session = open_session(onnx_path, providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(
+                f"{onnx_path}: ONNX Runtime cannot load this graph ({first}); re-export with litefocus-export --force"
+            ) from None
         got = [(i.name, tuple(i.shape)) for i in self.session.get_inputs()]
         want = [(s.name, tuple(s.shape)) for s in contract.inputs]
         if got != want:

@@ -93,32 +93,147 @@ def new_manifest(model: dict, litefocus_config: dict | None) -> dict:
     }
 
 
+MAX_MANIFEST_BYTES = 16 * 2**20
+FIX = "re-export with litefocus-export --force"
+_SCHEMA = None
+
+
 def is_engine_dir(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _schema_validator():
+    """The shipped Draft 2020-12 schema (``manifest.schema.json``), checked once per process."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        from importlib import resources
+
+        import jsonschema
+
+        schema = json.loads(resources.files("litefocus.engine").joinpath("manifest.schema.json").read_text())
+        jsonschema.Draft202012Validator.check_schema(schema)
+        _SCHEMA = jsonschema.Draft202012Validator(schema)
+    return _SCHEMA
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_manifest(path: Path) -> dict:
+    """``path`` read as strict JSON (no NaN / Infinity, bounded size and depth) and validated
+    against the manifest schema; every failure is one ManifestError naming the JSON path, the bad
+    value and the fix."""
+    if path.is_symlink():
+        raise ManifestError(f"{path} is a symbolic link; the manifest must be a regular file; {FIX}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"{path} is {size} bytes, above the {MAX_MANIFEST_BYTES} a manifest may have; {FIX}"
+        )
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise ManifestError(f"{path} is not valid JSON ({reason}); {FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise ManifestError(f'{path} is not a litefocus engine manifest (no "kind": "{KIND}")')
+    version = manifest.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} has schema version {_short(version)}; this litefocus reads version {SCHEMA_VERSION}: "
+            "re-export with this version's litefocus-export"
+        )
+    try:
+        error = next(iter(sorted(_schema_validator().iter_errors(manifest), key=lambda e: e.path)), None)
+    except RecursionError:
+        raise ManifestError(f"{path} is nested too deeply; {FIX}") from None
+    if error is not None:
+        import jsonschema
+
+        error = jsonschema.exceptions.best_match([error])
+        raise ManifestError(
+            f"{path}: {error.json_path} = {_short(error.instance)} is invalid ({error.message[:160]}); {FIX}"
+        )
+    for name, entry in manifest["entries"].items():
+        check_entry(path, name, entry)
+    return manifest
+
+
+def check_entry(path: Path, name: str, entry: dict) -> None:
+    """Cross-check an entry's redundant numbers: every length follows from ``frames``."""
+    from litefocus.buckets import Bucket
+
+    b = entry["bucket"]
+    where = f"{path}: $.entries[{name!r}]"
+    try:
+        bucket = Bucket(seconds=b["seconds"], frames=b["frames"])
+    except ValueError as e:
+        raise ManifestError(f"{where}.bucket: {e}; {FIX}") from None
+    if abs(b["exact_seconds"] - bucket.exact_seconds) > 1e-6:
+        raise ManifestError(
+            f"{where}.bucket.exact_seconds = {_short(b['exact_seconds'])} disagrees with frames = {b['frames']} "
+            f"({bucket.exact_seconds:g} s); {FIX}"
+        )
+    if "samples" in b and b["samples"] != bucket.samples:
+        raise ManifestError(
+            f"{where}.bucket.samples = {b['samples']} disagrees with frames = {b['frames']}; {FIX}"
+        )
+    if name != f"{bucket.name}-{entry['precision']}":
+        raise ManifestError(
+            f"{where}: the entry name disagrees with its bucket ({bucket.name}) and precision "
+            f"({entry['precision']}); {FIX}"
+        )
+    for module, rec in entry["modules"].items():
+        if rec["contract"]["module"] != module or rec["contract"]["precision"] != entry["precision"]:
+            raise ManifestError(f"{where}.modules.{module}.contract names another module or precision; {FIX}")
+        for kind, f in rec["files"].items():
+            folder, _, filename = f["path"].partition("/")
+            expected = {"onnx": f"{module}.onnx", "data": f"{module}.onnx.data"}.get(kind)
+            if folder != name or (expected is not None and filename != expected):
+                raise ManifestError(
+                    f"{where}.modules.{module}.files.{kind}.path = {_short(f['path'])}: must be "
+                    f"{name}/{expected or '<name>.plan'}; {FIX}"
+                )
+
+
 def read_manifest(engine_dir: Path) -> dict:
-    """Parse and check the manifest's kind and schema version (no file hashing: see verify_entry)."""
+    """Read and check ``engine_dir/manifest.json`` (schema + cross-checks; files are verified per
+    entry when it is opened: see verify_entry)."""
     path = Path(engine_dir) / MANIFEST
     if not path.is_file():
         raise ManifestError(
             f"{engine_dir} is not an engine directory: it has no {MANIFEST}; create one with litefocus-export"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    return parse_manifest(path)
+
+
+def artifact_path(engine_dir: Path, rel: str) -> Path:
+    """The file ``rel`` (``<entry>/<file>``) of an engine directory, checked before anything opens it:
+    no absolute path, no ``..``, no symbolic link (entry folder or file), and inside ``engine_dir``
+    after resolving."""
+    from pathlib import PurePosixPath
+
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
         raise ManifestError(
-            f"{path} is not valid JSON ({e}); re-export with litefocus-export --force"
-        ) from None
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
-        raise ManifestError(f"{path} is not a litefocus engine manifest")
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ManifestError(
-            f"{path} has schema version {version!r}; this litefocus reads version {SCHEMA_VERSION}: re-export "
-            "with this version's litefocus-export"
+            f"engine file path {_short(rel)} is not <entry>/<file> inside the engine directory; {FIX}"
         )
-    return manifest
+    root = Path(engine_dir).resolve()
+    folder, path = root / parts[0], root / parts[0] / parts[1]
+    for p in (folder, path):
+        if p.is_symlink():
+            raise ManifestError(
+                f"{rel}: {p.name} is a symbolic link; engine files must be regular files; {FIX}"
+            )
+    if not path.resolve().is_relative_to(root):
+        raise ManifestError(f"engine file path {_short(rel)} resolves outside the engine directory; {FIX}")
+    return path
 
 
 def write_manifest(engine_dir: Path, manifest: dict) -> None:
@@ -136,7 +251,11 @@ def verify_entry(engine_dir: Path, entry: dict) -> list[str]:
     """Problems with an entry's files (missing, size or hash mismatch); empty when all verify."""
     problems = []
     for rec in entry_files(entry):
-        path = Path(engine_dir) / rec["path"]
+        try:
+            path = artifact_path(engine_dir, rec["path"])
+        except ManifestError as e:
+            problems.append(str(e).removesuffix(f"; {FIX}"))
+            continue
         if not path.is_file():
             problems.append(f"{rec['path']} is missing")
         elif path.stat().st_size != rec["bytes"]:

@@ -106,6 +106,8 @@ def options_from_args(args: argparse.Namespace):
             raise UsageError(f"--seconds {raw}: {e}") from None
     if args.preset not in PRESETS:
         raise UsageError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if args.weights_seed < 0:
+        raise UsageError(f"--weights-seed must be >= 0, got {args.weights_seed}")
     for flag, value in (("--batch", args.batch), ("--text-len", args.text_len)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")

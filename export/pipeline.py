@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import shutil
 import tempfile
@@ -83,8 +84,13 @@ class Components:
             return {"source": random_source(o.random_preset, o.weights_seed), "weights_sha256": None}
         path = Path(str(o.model)).expanduser()
         if path.is_dir():
+            # only what the engines are built from: the UNet, VAE and vocoder (not the text encoders)
+            roots = [path / c for c in ("unet", "vae", "vocoder") if (path / c).is_dir()] or [path]
             files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
+                p
+                for root in roots
+                for p in root.rglob("*")
+                if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
             )
             digest = mf.json_sha256([[p.relative_to(path).as_posix(), mf.file_sha256(p)] for p in files])
             return {"source": str(path.resolve()), "weights_sha256": digest}
@@ -228,15 +234,47 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, bac
     return record
 
 
-def _prepare_out(out: Path) -> None:
-    """Create ``out`` or check it is an engine directory we can write; drop leftovers of killed runs."""
+OWN_DOTFILES = (".lock", ".tmp-")  # what litefocus itself leaves in an engine directory
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Names in ``out`` that are not litefocus's own lock / temporary folders."""
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_DOTFILES))
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before writing anything, an ``--out`` that is not (or cannot become) a litefocus engine
+    directory: a file, a non-empty folder without a manifest, or a folder whose manifest.json is not
+    litefocus's (``--force`` never changes that: it only rebuilds what a litefocus manifest lists)."""
+    if out.is_symlink() and not out.is_dir():
+        raise ValueError(f"--out {out} is a symbolic link to no directory; pass a new or engine directory")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory; pass a new or engine directory")
-    if out.is_dir() and any(out.iterdir()) and not mf.is_engine_dir(out):
+    if not out.is_dir():
+        return
+    manifest = out / mf.MANIFEST
+    if manifest.exists() or manifest.is_symlink():
+        if manifest.is_symlink() or not manifest.is_file():
+            raise ValueError(f"--out {out}: {mf.MANIFEST} is not a regular file; pass a new directory")
+        try:
+            kind = json.loads(manifest.read_bytes()[: mf.MAX_MANIFEST_BYTES]).get("kind")
+        except (ValueError, AttributeError, RecursionError):
+            kind = None
+        if kind != mf.KIND:
+            raise ValueError(
+                f"--out {out} holds a {mf.MANIFEST} that is not a litefocus engine manifest; litefocus leaves "
+                "it alone (with --force too): pass a new directory"
+            )
+    elif _foreign_entries(out):
         raise ValueError(
             f"--out {out} exists, is not empty and is not an engine directory (no manifest.json); "
             "pass a new directory or an engine directory"
         )
+
+
+def _prepare_out(out: Path) -> None:
+    """Create ``out`` or check it is an engine directory we can write (see _check_out)."""
+    _check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
@@ -267,6 +305,7 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     components = Components(opts)
     config = None if opts.litefocus is None else opts.litefocus.to_dict()
     with _locked(out):
+        _check_out(out)  # again, under the lock: another export may have written meanwhile
         manifest = _open_manifest(out, components.weights_identity(), config, opts.force)
         return _export_buckets(out, opts, components, manifest)
 
@@ -283,9 +322,11 @@ def _locked(out: Path):
 
 
 def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) -> dict:
-    """The directory's manifest, or a new one (with --force, replacing another model's or a broken one)."""
+    """The directory's manifest, or a new one (with --force, replacing another model's or a broken
+    one). Only the entry folders that the old litefocus manifest lists are ever deleted."""
     for stale in out.glob(".tmp-*"):  # leftovers of killed runs (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         manifest = mf.read_manifest(out) if mf.is_engine_dir(out) else None
     except mf.ManifestError:
@@ -299,14 +340,21 @@ def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) 
                 f"{str(manifest['model']['weights_sha256'])[:12]}) with LiteFocus {manifest['litefocus']}; pass "
                 "another --out, or --force to replace them"
             )
+        _drop_entries(out, manifest)
         manifest = None
     if manifest is None:
         manifest = mf.new_manifest(identity, config)
-        mf.write_manifest(out, manifest)  # first, so the manifest never lists a deleted folder
-        for stale in out.iterdir():
-            if stale.is_dir() and not stale.name.startswith("."):
-                shutil.rmtree(stale, ignore_errors=True)
+        mf.write_manifest(out, manifest)
     return manifest
+
+
+def _drop_entries(out: Path, manifest: dict) -> None:
+    """Delete the entry folders a (valid) litefocus manifest lists: nothing else, no symlinks."""
+    mf.write_manifest(out, {**manifest, "entries": {}})  # first: never list a deleted folder
+    for name in manifest["entries"]:
+        folder = out / name
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export_buckets(out: Path, opts: ExportOptions, components: Components, manifest: dict):

@@ -21,6 +21,9 @@ class ValidationError(RuntimeError):
     pass
 
 
+_ORT_TYPES = {"float32": "float", "float16": "float16", "int32": "int32", "int64": "int64"}
+
+
 def onnxruntime_providers(prefer_cuda: bool = True) -> list[str]:
     import onnxruntime as ort
 
@@ -84,12 +87,27 @@ def validate(
     """
     inputs = contract.sample_inputs(seed)
     session = open_session(onnx_path, providers)
+    graph_outputs = [(o.name, list(o.shape), o.type) for o in session.get_outputs()]
+    want_outputs = [(s.name, list(s.shape), f"tensor({_ORT_TYPES[s.dtype]})") for s in contract.outputs]
+    if graph_outputs != want_outputs:
+        raise ValidationError(
+            f"{Path(onnx_path).name}: graph outputs {graph_outputs} differ from the contract's {want_outputs}"
+        )
     feeds = {name: inputs[name].numpy() for name in contract.input_names}
     got = session.run(contract.output_names, feeds)
     with torch.no_grad():
         want = module(*(inputs[name].to(device) for name in contract.input_names))
     want = [want] if isinstance(want, torch.Tensor) else list(want)
     want = [w.float().cpu() for w in want]
+    for spec, w in zip(contract.outputs, want, strict=False):
+        if tuple(w.shape) != tuple(spec.shape):
+            raise ValidationError(
+                f"{Path(onnx_path).name}: PyTorch's {spec.name} has shape {tuple(w.shape)}, the contract says {spec.shape}"
+            )
+    if len(want) != len(contract.outputs):
+        raise ValidationError(
+            f"{Path(onnx_path).name}: PyTorch returned {len(want)} outputs, the contract has {len(contract.outputs)}"
+        )
     tol = contract.tolerance
     report = {"provider": session.get_providers()[0], "seed": seed, "tolerance": tol, "outputs": {}}
     for spec, g, w in zip(contract.outputs, got, want, strict=True):

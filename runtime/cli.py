@@ -6,6 +6,8 @@ litefocus-generate "rain on a tin roof" --seconds 80 --engines engines -o rain.w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -53,6 +55,29 @@ def check_output_path(path: Path) -> None:
         raise ValueError(f"-o {path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """With -q, transformers' and diffusers' own loading messages and progress bars are off too
+    (restored afterwards: main() may run inside a larger process)."""
+    saved = []
+    if quiet:
+        for name in ("transformers", "diffusers"):
+            try:
+                logs = importlib.import_module(f"{name}.utils").logging
+            except ImportError:
+                continue
+            saved.append((logs, logs.get_verbosity(), logs.is_progress_bar_enabled()))
+            logs.set_verbosity_error()
+            logs.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logs, verbosity, bars in saved:
+            logs.set_verbosity(verbosity)
+            if bars:
+                logs.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.runtime import Runtime, write_wav
@@ -63,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         check_output_path(args.output)
-        with Runtime.load(args.engines, backend=args.backend) as rt:
+        if args.seed is not None and not 0 <= args.seed < 2**63:
+            raise ValueError(f"--seed {args.seed} is out of range; use an integer in [0, 2**63)")
+        with _quiet_libraries(args.quiet), Runtime.load(args.engines, backend=args.backend) as rt:
             audio = rt.generate(
                 args.prompt,
                 args.seconds,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from litefocus.buckets import SAMPLE_RATE, Bucket
+from litefocus.buckets import MAX_SECONDS, SAMPLE_RATE, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
 from litefocus.export.contract import DecodeContract, UNetContract, index_input_name
@@ -38,6 +38,18 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 def _contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
     """Rebuild the entry's contracts and check them against what the manifest recorded."""
+    try:
+        return _rebuild_contracts(entry, config)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        if isinstance(e, mf.ManifestError):
+            raise
+        raise mf.ManifestError(
+            f"the manifest's contracts are not this litefocus version's ({type(e).__name__}: {str(e)[:120]}); "
+            "re-export with litefocus-export --force"
+        ) from None
+
+
+def _rebuild_contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
     b = entry["bucket"]
     bucket = Bucket(seconds=b["seconds"], frames=b["frames"])
     u = entry["modules"]["unet"]["contract"]
@@ -60,7 +72,9 @@ def _contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContrac
     d = entry["modules"]["decode"]["contract"]
     decode = DecodeContract(bucket, batch=d["batch"], precision=d["precision"])
     if unet.to_dict() != u or decode.to_dict() != d:
-        raise mf.ManifestError("the manifest's contracts do not match this litefocus version's; re-export")
+        raise mf.ManifestError(
+            "the manifest's contracts do not match this litefocus version's; re-export with litefocus-export --force"
+        )
     return unet, decode
 
 
@@ -91,6 +105,10 @@ class Runtime:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         engine_dir = Path(engine_dir)
+        if engine_dir.exists() and not engine_dir.is_dir():
+            raise ValueError(
+                f"engine directory {engine_dir} is a file, not a directory; pass the folder litefocus-export wrote"
+            )
         if not engine_dir.is_dir():
             raise ValueError(f"engine directory {engine_dir} does not exist; create it with litefocus-export")
         manifest = mf.read_manifest(engine_dir)
@@ -122,10 +140,19 @@ class Runtime:
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds < math.inf:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
         seconds = float(seconds)
-        for name, entry in self.entries.items():
-            if entry["bucket"]["exact_seconds"] >= seconds:
+        exact = {
+            name: Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds
+            for name, e in self.entries.items()
+        }
+        for name, length in exact.items():  # every length follows from frames, never from a stored float
+            if length >= seconds:
                 return name
-        have = ", ".join(f"{e['bucket']['exact_seconds']:g} s" for e in self.entries.values())
+        have = ", ".join(f"{x:g} s" for x in exact.values())
+        if seconds > MAX_SECONDS:
+            raise ValueError(
+                f"seconds = {seconds:g} is longer than the largest bucket in {self.engine_dir} ({have}) and than "
+                f"the {MAX_SECONDS:g} s that litefocus-export builds; generate shorter pieces"
+            )
         raise ValueError(
             f"seconds = {seconds:g} is longer than the largest bucket in {self.engine_dir} ({have}); export a "
             f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
@@ -187,7 +214,9 @@ class Runtime:
 
             return tuple(
                 TensorRTBackend(
-                    self.engine_dir / modules[m]["files"]["plan"]["path"], c, modules[m]["tensorrt"]
+                    mf.artifact_path(self.engine_dir, modules[m]["files"]["plan"]["path"]),
+                    c,
+                    modules[m]["tensorrt"],
                 )
                 for m, c in (("unet", unet_c), ("decode", decode_c))
             )
@@ -196,7 +225,12 @@ class Runtime:
 
             providers = onnxruntime_providers(prefer_cuda=self.device.type == "cuda")  # follow the device
             return tuple(
-                OnnxRuntimeBackend(self.engine_dir / modules[m]["files"]["onnx"]["path"], c, providers)
+                OnnxRuntimeBackend(
+                    mf.artifact_path(self.engine_dir, modules[m]["files"]["onnx"]["path"]),
+                    c,
+                    providers,
+                    data_path=mf.artifact_path(self.engine_dir, modules[m]["files"]["data"]["path"]),
+                )
                 for m, c in (("unet", unet_c), ("decode", decode_c))
             )
         from litefocus.export.decode import DecodeModule
@@ -365,8 +399,8 @@ def _check_options(steps, guidance_scale, scheduler, seed) -> None:
         raise ValueError(f"guidance_scale must be a number >= 1, got {guidance_scale!r}")
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
 
 
 def _pad_text(cond: Conditioning, length: int) -> Conditioning:

@@ -127,19 +127,29 @@ def test_failure_in_a_later_bucket_keeps_the_earlier_one(model_dir, tmp_path, mo
     assert not list(out.glob(".tmp-*"))
 
 
-def test_force_replaces_a_broken_or_foreign_manifest(exported, model_dir, tmp_path, capsys):
+def test_force_replaces_another_config_but_never_an_unreadable_manifest(
+    exported, model_dir, tmp_path, capsys
+):
     out = tmp_path / "engines"
     shutil.copytree(exported, out)
     args = ["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]
     assert cli.main([*args, "--sparse-ratio", "0.2"]) == 2  # another LiteFocus config: refused
     assert "--force to replace them" in capsys.readouterr().err
-    (out / "manifest.json").write_text("{not json")
-    assert cli.main(args) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "manifest.json").write_text("{not json")  # whose is it? litefocus cannot tell: hands off
+    before = sorted(p.relative_to(broken) for p in broken.rglob("*"))
+    for extra in ([], ["--force"]):
+        assert (
+            cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(broken), *FAST, *extra])
+            == 2
+        )
+        assert "not a litefocus engine manifest" in capsys.readouterr().err
+    assert sorted(p.relative_to(broken) for p in broken.rglob("*")) == before
     assert cli.main([*args, "--force", "--sparse-ratio", "0.2"]) == 0
     manifest = mf.read_manifest(out)
     assert manifest["litefocus"]["sparse_ratio"] == 0.2 and list(manifest["entries"]) == ["0p32s-fp32"]
-    assert not (out / "0p64s-fp32").exists()  # the old model's other bucket is gone with it
+    assert not (out / "0p64s-fp32").exists()  # the old manifest listed it: gone with it
 
 
 def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
