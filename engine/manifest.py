@@ -149,14 +149,13 @@ def parse_manifest(path: Path) -> dict:
             f"{path} has schema version {_short(version)}; this litefocus reads version {SCHEMA_VERSION}: "
             "re-export with this version's litefocus-export"
         )
+    from jsonschema.exceptions import best_match
+
     try:
-        error = next(iter(sorted(_schema_validator().iter_errors(manifest), key=lambda e: e.path)), None)
+        error = best_match(_schema_validator().iter_errors(manifest))  # the most relevant, or None
     except RecursionError:
         raise ManifestError(f"{path} is nested too deeply; {FIX}") from None
     if error is not None:
-        import jsonschema
-
-        error = jsonschema.exceptions.best_match([error])
         raise ManifestError(
             f"{path}: {error.json_path} = {_short(error.instance)} is invalid ({error.message[:160]}); {FIX}"
         )
