@@ -129,29 +129,29 @@ class OnnxRuntimeBackend:
     def on_cuda(self) -> bool:
         return self.session is not None and self.session.get_providers()[0] == "CUDAExecutionProvider"
 
-    def bind(self, inputs: dict[str, torch.Tensor], device: torch.device | str = "cuda"):
-        """A zero-argument call of the graph on ``inputs`` kept on the GPU (CUDA EP, IO binding).
+    def bind(self, inputs: dict[str, torch.Tensor]):
+        """A zero-argument call of the graph on ``inputs`` kept where the session runs (IO binding).
 
-        Inputs are copied to ``device`` once; every call then runs on those buffers and writes the
-        output into one preallocated GPU tensor, which it returns (no host copies, no numpy). The call
-        returns when ONNX Runtime has finished (its outputs are synchronized).
+        Inputs are placed once (GPU memory on the CUDA EP, host memory on the CPU EP); every call
+        then runs on those buffers and writes into one preallocated output tensor, which it returns:
+        no per-call copies and no numpy. The same code runs on both EPs, so CPU tests exercise it.
+        The call returns when ONNX Runtime has finished (its outputs are synchronized).
         """
-        if not self.on_cuda:
-            raise RuntimeError("bind() needs a session on ONNX Runtime's CUDAExecutionProvider")
-        device = torch.device(device)
-        device_id = device.index if device.index is not None else torch.cuda.current_device()
+        if self.session is None:
+            raise RuntimeError("bind() on a closed backend")
+        device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
         binding = self.session.io_binding()
         keep = []  # the bound buffers must outlive every call
 
         def buffer(spec, tensor):
-            # t: [spec.shape] on the GPU, in the graph's dtype, contiguous
+            # t: [spec.shape] on the session's device, in the graph's dtype, contiguous
             t = tensor.to(device=device, dtype=spec.torch_dtype).contiguous()
             if tuple(t.shape) != tuple(spec.shape):
                 raise ValueError(f"{spec.name}: shape {tuple(t.shape)}, the contract says {spec.shape}")
             keep.append(t)
             return dict(
-                device_type="cuda",
-                device_id=device_id,
+                device_type=device.type,
+                device_id=device.index or 0,
                 element_type=spec.numpy_dtype.type,  # np.float16, np.int32, ... as ORT expects
                 shape=tuple(spec.shape),
                 buffer_ptr=t.data_ptr(),
@@ -160,10 +160,10 @@ class OnnxRuntimeBackend:
         for spec in self.contract.inputs:
             binding.bind_input(name=spec.name, **buffer(spec, inputs[spec.name]))
         (out_spec,) = self.contract.outputs
-        out = torch.empty(out_spec.shape, dtype=out_spec.torch_dtype, device=device)
-        binding.bind_output(name=out_spec.name, **buffer(out_spec, out))
+        binding.bind_output(name=out_spec.name, **buffer(out_spec, torch.empty(out_spec.shape)))
         out = keep[-1]
-        torch.cuda.synchronize(device)  # ONNX Runtime runs on its own stream: inputs must be ready
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # ONNX Runtime runs on its own stream: inputs must be ready
         session = self.session
 
         def call() -> torch.Tensor:

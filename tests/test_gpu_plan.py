@@ -208,11 +208,40 @@ def test_export_device_is_checked(capsys):
             _check_device("cuda")
 
 
-def test_io_binding_needs_the_cuda_ep(tmp_path):
+def test_io_binding_equals_the_plain_call_on_the_cpu_ep(tmp_path):
+    """The IO-binding path (the GPU rows' timed call) against the session's plain run, on the CPU EP."""
     from litefocus.engine.backends import OnnxRuntimeBackend
+    from litefocus.export.contract import TensorSpec
 
-    backend = OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)
-    backend.session = None
-    assert backend.on_cuda is False
-    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
-        backend.bind({})
+    class Contract:
+        inputs = (TensorSpec("x", (2, 3), "float32"), TensorSpec("i", (2,), "int32"))
+        outputs = (TensorSpec("y", (2, 5), "float32"),)
+        input_names, output_names = ["x", "i"], ["y"]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 5)
+
+        def forward(self, x, i):
+            return self.lin(x) + i[:, None].float()
+
+    path = tmp_path / "m.onnx"
+    example = (torch.randn(2, 3), torch.tensor([1, 2], dtype=torch.int32))
+    torch.onnx.export(
+        M().eval(), example, str(path), input_names=["x", "i"], output_names=["y"], dynamo=False
+    )
+    backend = OnnxRuntimeBackend(path, Contract(), ["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(3)
+    inputs = {
+        "x": torch.randn(2, 3, generator=g),
+        "i": torch.randint(0, 9, (2,), generator=g, dtype=torch.int32),
+    }
+    call = backend.bind(inputs)
+    first = call().clone()
+    torch.testing.assert_close(first, backend(inputs), rtol=0, atol=0)
+    assert call() is call()  # one preallocated output, reused
+    torch.testing.assert_close(call(), first, rtol=0, atol=0)
+    backend.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.bind(inputs)
