@@ -155,7 +155,7 @@ def check_engines_dir(engines: Path) -> None:
 def options_from_args(args, command: str, engines: Path):
     from litefocus.bench.run import BenchOptions
     from litefocus.config import LiteFocusConfig
-    from litefocus.models import PRESETS, random_source
+    from litefocus.models import PRESETS, check_device, random_source
 
     base = QUICK if args.quick else DEFAULTS
 
@@ -172,17 +172,9 @@ def options_from_args(args, command: str, engines: Path):
         raise UsageError(f"--weights-seed must be >= 0, got {args.weights_seed}")
     device = args.device
     try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise UsageError(f"--device {device!r} is not a device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda, but this machine has no CUDA GPU (torch.cuda.is_available() is False)"
-        )
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        dev = check_device(device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         lf = LiteFocusConfig(sparse_ratio=args.sparse_ratio)
         opts = BenchOptions(

@@ -156,19 +156,12 @@ def options_from_args(args: argparse.Namespace):
 
 
 def _check_device(raw: str) -> str:
-    """A usable torch device string (cpu, cuda, cuda:N), or a UsageError naming the fix."""
+    from litefocus.models import check_device
+
     try:
-        dev = torch.device(raw)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(f"--device {raw!r} is not a device ({e}); use cpu or cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {raw!r}: use cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {raw}: this machine has no CUDA GPU; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {raw}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return str(dev)
+        return str(check_device(raw))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_model_dir(path: Path, raw: str) -> None:

@@ -76,6 +76,23 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
         raise ValueError(f"invalid device {device!r}: {e}") from None
 
 
+def check_device(raw: str) -> torch.device:
+    """A usable device for the command-line ``--device`` flags (cpu, cuda, cuda:N), or a ValueError
+    naming the bad value and the fix."""
+    try:
+        dev = torch.device(raw)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {raw!r} is not a device ({e}); use cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {raw!r}: use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {raw}: this machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {raw}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _seeded(build: Callable[[], torch.nn.Module], seed: int, dtype: torch.dtype, device) -> torch.nn.Module:
     """``build()`` with the torch RNG seeded by ``seed`` (the global RNG is restored afterwards).
 

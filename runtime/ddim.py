@@ -16,13 +16,7 @@ class DDIM:
     init_noise_sigma = 1.0
 
     def __init__(self, schedule: NoiseSchedule, steps: int):
-        if (
-            isinstance(steps, bool)
-            or not isinstance(steps, int)
-            or not 1 <= steps <= schedule.num_train_timesteps
-        ):
-            raise ValueError(f"steps must be an int in [1, {schedule.num_train_timesteps}], got {steps!r}")
-        self.schedule, self.steps = schedule, steps
+        self.schedule, self.steps = schedule, schedule.check_steps(steps)
         self.alphas_cumprod = schedule.alphas_cumprod()
         self.final_alpha_cumprod = np.float32(1.0) if schedule.set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = ddim_timesteps(schedule, steps)

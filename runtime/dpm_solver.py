@@ -20,13 +20,7 @@ class DPMSolverPP2M:
     init_noise_sigma = 1.0
 
     def __init__(self, schedule: NoiseSchedule, steps: int):
-        if (
-            isinstance(steps, bool)
-            or not isinstance(steps, int)
-            or not 1 <= steps <= schedule.num_train_timesteps
-        ):
-            raise ValueError(f"steps must be an int in [1, {schedule.num_train_timesteps}], got {steps!r}")
-        self.schedule, self.steps = schedule, steps
+        self.schedule, self.steps = schedule, schedule.check_steps(steps)
         self.timesteps = dpm_timesteps(schedule, steps)
         ac = schedule.alphas_cumprod()
         all_sigmas = np.sqrt((1 - ac) / ac)  # float32

@@ -55,6 +55,16 @@ class NoiseSchedule:
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in config.items() if k in names})
 
+    def check_steps(self, steps: int) -> int:
+        """``steps`` if it is a usable number of sampling steps for this schedule, else ValueError."""
+        if (
+            isinstance(steps, bool)
+            or not isinstance(steps, int)
+            or not 1 <= steps <= self.num_train_timesteps
+        ):
+            raise ValueError(f"steps must be an int in [1, {self.num_train_timesteps}], got {steps!r}")
+        return steps
+
     def alphas_cumprod(self) -> np.ndarray:
         """[num_train_timesteps] float32, as diffusers computes it."""
         n = self.num_train_timesteps
