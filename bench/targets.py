@@ -21,7 +21,7 @@ import torch
 import litefocus
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
-from litefocus.export.contract import DecodeContract, UNetContract
+from litefocus.engine.contract import DecodeContract, UNetContract
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +69,16 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "tensorrt":
-        from litefocus.export.tensorrt_build import INSTALL_HINT, tensorrt_available
+        from litefocus.engine.tensorrt_backend import INSTALL_HINT, tensorrt_available
 
         if not tensorrt_available():
             return INSTALL_HINT
         if device.type != "cuda":
             return "TensorRT needs a CUDA GPU (--device cuda)"
     if backend == "onnxruntime" and device.type == "cuda":  # known before any export is spent on it
-        from litefocus.export.validate import onnxruntime_providers
+        import onnxruntime
 
-        if "CUDAExecutionProvider" not in onnxruntime_providers():
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
             return ONNXRUNTIME_GPU_HINT
     return None
 
@@ -158,11 +158,11 @@ def open_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchMod
 def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchModels) -> Target:
     from litefocus.engine.backends import TorchBackend
     from litefocus.export.decode import DecodeModule
-    from litefocus.export.onnx_export import UNetExportModule
+    from litefocus.export.onnx_export import UNetExportModule, unet_contract_for
 
     unet, vae, vocoder = models.get()
     config = spec.litefocus if uses_litefocus(backend) else None
-    contract = UNetContract.for_unet(
+    contract = unet_contract_for(
         unet, bucket, config, batch=spec.batch, text_len=spec.text_len, precision=spec.precision
     )
     decode_contract = DecodeContract(bucket, precision=spec.precision)

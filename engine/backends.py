@@ -1,7 +1,9 @@
-"""Backends that run one call of a contract module: ``backend(inputs: dict[name, Tensor]) -> Tensor``.
+"""Backends that run one call of a contract module: ``backend(inputs: dict[name, ndarray]) -> ndarray``.
 
-All take the contract's named inputs, so the sampling loop does not know which one it drives.
-``TorchBackend`` is the reference (and the fallback); ``OnnxRuntimeBackend`` runs an exported graph.
+All take the contract's named numpy inputs and return the one output as float32 numpy, so the
+sampling loop does not know which one it drives. ``OnnxRuntimeBackend`` runs an exported graph (and
+``bind()`` keeps a request's buffers on the session's device); ``TorchBackend`` is the PyTorch
+reference (needs ``litefocus[export]``); TensorRT lives in ``tensorrt_backend``.
 """
 
 from __future__ import annotations
@@ -11,13 +13,44 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 logger = logging.getLogger(__name__)
 
 
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")  # the one vocabulary of backend names
+
+
+def parse_device(device: str | None) -> tuple[str, int]:
+    """"cpu" | "cuda" | "cuda:N" -> ("cpu", 0) | ("cuda", N); ValueError naming the fix otherwise."""
+    text = "cpu" if device is None else str(device)
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", 0
+    if kind == "cuda" and (not index or (index.isdigit() and len(index) < 4)):
+        return "cuda", int(index or 0)
+    raise ValueError(f"device {text!r} is not one of cpu, cuda, cuda:N (N a GPU index such as 0)")
+
+
+def onnxruntime_providers(prefer_cuda: bool = True, device_id: int = 0) -> list:
+    """CUDA EP (on ``device_id``) when asked for and installed, then the CPU EP."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    cuda = prefer_cuda and "CUDAExecutionProvider" in available
+    return ([("CUDAExecutionProvider", {"device_id": device_id})] if cuda else []) + ["CPUExecutionProvider"]
+
+
+def open_session(onnx_path: Path, providers: list | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), options, providers=providers or onnxruntime_providers())
+
+
 class TorchBackend:
-    """A PyTorch module that takes the contract's inputs positionally (UNetExportModule, DecodeModule).
+    """The PyTorch reference: a module that takes the contract's inputs positionally
+    (UNetExportModule, DecodeModule). Needs torch (``litefocus[export]``).
 
     Calls are serialized with ``lock``: the LiteFocus handle routes indices through state shared by
     every module built on the same UNet, so pass those modules one shared lock.
@@ -25,16 +58,21 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, module: torch.nn.Module, contract, device: torch.device | str = "cpu", lock=None):
+    def __init__(self, module, contract, device: str = "cpu", lock=None):
         self.module = module.eval()
         self.contract = contract
-        self.device = torch.device(device)
+        self.device = device
         self._lock = lock or threading.Lock()
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        args = [inputs[name].to(self.device) for name in self.contract.input_names]
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        args = [
+            torch.from_numpy(np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype)).to(self.device)
+            for s in self.contract.inputs
+        ]
         with self._lock, torch.inference_mode():
-            return self.module(*args).float().cpu()
+            return self.module(*args).float().cpu().numpy()
 
     def close(self) -> None:
         self.module = None
@@ -87,20 +125,24 @@ def check_external_data(onnx_path: Path, data_path: Path | None) -> None:
 
 
 class OnnxRuntimeBackend:
-    """An exported graph in ONNX Runtime (CUDA EP when installed, else CPU). ``run`` is thread-safe.
+    """An exported graph in ONNX Runtime, on ``device`` ("cpu" or "cuda[:N]", the CUDA EP of
+    onnxruntime-gpu). Calls are thread-safe.
 
     ``data_path``: the graph's external weights file. Given it, the graph's external-data references
     are checked against it before ONNX Runtime opens anything (an engine directory is untrusted)."""
 
     name = "onnxruntime"
 
-    def __init__(
-        self, onnx_path: Path, contract, providers: list[str] | None = None, data_path: Path | None = None
-    ):
-        from litefocus.export.validate import open_session
-
+    def __init__(self, onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None):
         self.contract = contract
+        self.device = parse_device(device)
         onnx_path = Path(onnx_path)
+        providers = onnxruntime_providers(prefer_cuda=self.device[0] == "cuda", device_id=self.device[1])
+        if self.device[0] == "cuda" and len(providers) == 1:
+            raise ValueError(
+                f"device {device!r}: this onnxruntime has no CUDA execution provider; install onnxruntime-gpu "
+                "in place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu), or use --device cpu"
+            )
         if data_path is not None:
             check_external_data(onnx_path, Path(data_path))
         try:
@@ -117,60 +159,67 @@ class OnnxRuntimeBackend:
                 f"{onnx_path}: graph inputs {got} differ from the manifest's contract {want}; re-export"
             )
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        feeds = {
-            s.name: np.ascontiguousarray(inputs[s.name].cpu().numpy().astype(s.numpy_dtype, copy=False))
-            for s in self.contract.inputs
-        }
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feeds = {s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs}
         (out,) = self.session.run(self.contract.output_names, feeds)
-        return torch.from_numpy(out).float()
+        return out.astype(np.float32, copy=False)
 
     @property
     def on_cuda(self) -> bool:
         return self.session is not None and self.session.get_providers()[0] == "CUDAExecutionProvider"
 
-    def bind(self, inputs: dict[str, torch.Tensor]):
-        """A zero-argument call of the graph on ``inputs`` kept where the session runs (IO binding).
-
-        Inputs are placed once (GPU memory on the CUDA EP, host memory on the CPU EP); every call
-        then runs on those buffers and writes into one preallocated output tensor, which it returns:
-        no per-call copies and no numpy. The same code runs on both EPs, so CPU tests exercise it.
-        The call returns when ONNX Runtime has finished (its outputs are synchronized).
-        """
+    def bind(self) -> Binding:
+        """Buffers for one request, on the session's device (see ``Binding``)."""
         if self.session is None:
             raise RuntimeError("bind() on a closed backend")
-        device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
-        binding = self.session.io_binding()
-        keep = []  # the bound buffers must outlive every call
-
-        def buffer(spec, tensor):
-            # t: [spec.shape] on the session's device, in the graph's dtype, contiguous
-            t = tensor.to(device=device, dtype=spec.torch_dtype).contiguous()
-            if tuple(t.shape) != tuple(spec.shape):
-                raise ValueError(f"{spec.name}: shape {tuple(t.shape)}, the contract says {spec.shape}")
-            keep.append(t)
-            return dict(
-                device_type=device.type,
-                device_id=device.index or 0,
-                element_type=spec.numpy_dtype.type,  # np.float16, np.int32, ... as ORT expects
-                shape=tuple(spec.shape),
-                buffer_ptr=t.data_ptr(),
-            )
-
-        for spec in self.contract.inputs:
-            binding.bind_input(name=spec.name, **buffer(spec, inputs[spec.name]))
-        (out_spec,) = self.contract.outputs
-        binding.bind_output(name=out_spec.name, **buffer(out_spec, torch.empty(out_spec.shape)))
-        out = keep[-1]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # ONNX Runtime runs on its own stream: inputs must be ready
-        session = self.session
-
-        def call() -> torch.Tensor:
-            session.run_with_iobinding(binding)
-            return out
-
-        return call
+        return Binding(self.session, self.contract, ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0))
 
     def close(self) -> None:
         self.session = None
+
+
+class Binding:
+    """IO binding of one graph for one request: every input and the output live in ``OrtValue``s on
+    the session's device (GPU memory on the CUDA EP, host memory on the CPU EP), allocated once.
+
+    ``set`` copies new values into an input's buffer (once per request for the conditioning, per
+    step for the latents); ``run`` runs the graph on the bound buffers and writes the preallocated
+    output, which ``output()`` copies to the host as float32. The same code runs on both EPs, so the
+    CPU tests exercise what the GPU runs. One Binding per request (not shared between threads).
+    """
+
+    def __init__(self, session, contract, device: tuple[str, int]):
+        import onnxruntime as ort
+
+        self._session, self._contract = session, contract
+        self._binding = session.io_binding()
+        self._values = {}
+        for spec in (*contract.inputs, *contract.outputs):
+            value = ort.OrtValue.ortvalue_from_shape_and_type(list(spec.shape), spec.numpy_dtype, *device)
+            self._values[spec.name] = value
+        for spec in contract.inputs:
+            self._binding.bind_ortvalue_input(spec.name, self._values[spec.name])
+        (out,) = contract.outputs
+        self._binding.bind_ortvalue_output(out.name, self._values[out.name])
+        self._out = out
+        self._specs = {s.name: s for s in contract.inputs}
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        spec = self._specs[name]
+        array = np.ascontiguousarray(array, dtype=spec.numpy_dtype)
+        if array.shape != tuple(spec.shape):
+            raise ValueError(f"{name}: shape {array.shape}, the contract says {tuple(spec.shape)}")
+        self._values[name].update_inplace(array)  # host -> the session's device
+
+    def run(self) -> None:
+        self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
+
+    def output(self) -> np.ndarray:
+        return self._values[self._out.name].numpy().astype(np.float32, copy=False)
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Set every given input, run, return the output: the plain-call interface."""
+        for name, array in inputs.items():
+            self.set(name, array)
+        self.run()
+        return self.output()

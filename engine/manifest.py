@@ -71,17 +71,6 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def code_sha256() -> str:
-    """SHA-256 of litefocus's own Python sources: a changed exporter invalidates cached artifacts."""
-    import litefocus
-    import litefocus.engine
-    import litefocus.export
-
-    roots = [Path(m.__file__).parent for m in (litefocus, litefocus.export, litefocus.engine)]
-    files = sorted({p for r in roots for p in r.glob("*.py")})
-    return json_sha256([[p.parent.name + "/" + p.name, file_sha256(p)] for p in files])
-
-
 def new_manifest(model: dict, litefocus_config: dict | None) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,

@@ -15,9 +15,68 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from litefocus.export.tensorrt_build import _sm, _trt_logger, current_target, require_tensorrt
-
 log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "TensorRT is not installed: run `pip install 'litefocus[gpu]'` (or `pip install tensorrt`); "
+    "building and running engines also needs an NVIDIA CUDA GPU"
+)
+
+class TensorRTNotInstalled(RuntimeError):
+    """The ``tensorrt`` package cannot be imported; the message says how to install it."""
+
+
+def require_tensorrt():
+    """The ``tensorrt`` module, or TensorRTNotInstalled naming the fix."""
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
+        raise TensorRTNotInstalled(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
+    return trt
+
+
+def tensorrt_available() -> bool:
+    try:
+        require_tensorrt()
+    except TensorRTNotInstalled:
+        return False
+    return True
+
+
+def sm_name(compute_capability: tuple[int, int]) -> str:
+    cc = compute_capability
+    if (
+        not isinstance(cc, tuple)
+        or len(cc) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in cc)
+        or cc[0] < 1
+    ):
+        raise ValueError(
+            f"compute_capability must be a (major, minor) tuple of ints, e.g. (9, 0); got {cc!r}"
+        )
+    return f"sm{cc[0]}{cc[1]}"
+
+
+def current_target(device: int = 0) -> tuple[str, tuple[int, int]]:
+    """(TensorRT version, compute capability) of this machine; needs TensorRT and a CUDA GPU."""
+    trt = require_tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "building a TensorRT engine needs a CUDA GPU, and torch sees none "
+            "(install a CUDA build of torch and check `nvidia-smi`)"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    return trt.__version__, (int(major), int(minor))
+
+
+def trt_logger(trt):
+    if log.isEnabledFor(logging.DEBUG):
+        return trt.Logger(trt.Logger.VERBOSE)
+    return trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.INFO) else trt.Logger.WARNING)
+
+
 
 REEXPORT_HINT = (
     "re-export the engines on this machine with `litefocus-export --force` "
@@ -31,7 +90,7 @@ def check_engine_target(record: dict, device: int = 0) -> None:
     Raises TensorRTNotInstalled without TensorRT, ValueError on a mismatch or an incomplete record.
     """
     version, cc = current_target(device)
-    here = f"TensorRT {version} on {_sm(cc)}"
+    here = f"TensorRT {version} on {sm_name(cc)}"
     built = (record.get("tensorrt"), record.get("compute_capability"))
     name = f"engine {record['file']}" if record.get("file") else "the engine"
     if None in built:
@@ -39,7 +98,7 @@ def check_engine_target(record: dict, device: int = 0) -> None:
             f"{name}: its manifest record lacks the TensorRT version or compute capability it was built "
             f"for (this machine has {here}); {REEXPORT_HINT}"
         )
-    if built != (version, _sm(cc)):
+    if built != (version, sm_name(cc)):
         raise ValueError(
             f"{name} was built for TensorRT {built[0]} on {built[1]}, but this machine has {here}; "
             f"a TensorRT engine only runs on the TensorRT version and GPU it was built for: {REEXPORT_HINT}"
@@ -101,7 +160,7 @@ class TensorRTBackend:
         check_engine_target(record, self.device.index or 0)
         plan_path = Path(plan_path)
         self._lock = threading.Lock()
-        self._logger = _trt_logger(trt)
+        self._logger = trt_logger(trt)
         with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
             self._runtime = trt.Runtime(self._logger)
             self.engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())

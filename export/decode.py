@@ -19,7 +19,7 @@ import math
 import torch
 
 from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, SAMPLE_RATE
-from litefocus.export.contract import DecodeContract
+from litefocus.engine.contract import DecodeContract
 from litefocus.geometry import HOP_SECONDS
 
 

@@ -15,8 +15,11 @@ from pathlib import Path
 import onnx
 import torch
 
-from litefocus.export.contract import UNetContract, index_input_name
+from litefocus.buckets import LATENT_FREQ_BINS, Bucket
+from litefocus.config import LiteFocusConfig
+from litefocus.engine.contract import UNetContract, index_input_name
 from litefocus.export.fold import fold_static_shapes
+from litefocus.install import self_attention_freq_bins
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +120,19 @@ def export_onnx(
     data = onnx_path.parent / data_name
     logger.info("exported %s (%.1f MB weights)", onnx_path.name, data.stat().st_size / 2**20)
     return onnx_path, data
+
+
+def unet_contract_for(unet, bucket: Bucket, config: LiteFocusConfig | None, **kwargs) -> UNetContract:
+    """The contract of ``unet`` (its conditioning widths and patched layers) for ``bucket``."""
+    dims = unet.config.cross_attention_dim
+    first = dims[0] if isinstance(dims[0], (list, tuple)) else dims
+    cross = [d for d in first if d is not None]
+    if len(cross) != 2:
+        raise ValueError(f"not an AudioLDM2 UNet: expected [None, gpt2_dim, t5_dim] cross dims, got {first}")
+    levels: tuple[tuple[int, int], ...] = ()
+    if config is not None and config.index_mode == "resample" and config.cross_frequency:
+        bins = list(self_attention_freq_bins(unet, LATENT_FREQ_BINS).values())
+        levels = tuple((f, bins.count(f)) for f in config.freq_bins if bucket.num_global(config, f) > 0)
+    return UNetContract(
+        bucket=bucket, gpt2_dim=cross[0], t5_dim=cross[1], litefocus=config, index_levels=levels, **kwargs
+    )

@@ -25,9 +25,9 @@ import litefocus
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
+from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.export.audit import AttentionExpectation, audit_graph
-from litefocus.export.contract import DecodeContract, UNetContract
-from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx
+from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
 from litefocus.install import self_attention_freq_bins
 from litefocus.models import random_source
@@ -135,12 +135,23 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def code_sha256() -> str:
+    """SHA-256 of litefocus's own Python sources: a changed exporter invalidates cached artifacts."""
+    import litefocus
+    import litefocus.engine
+    import litefocus.export
+
+    roots = [Path(m.__file__).parent for m in (litefocus, litefocus.export, litefocus.engine)]
+    files = sorted({p for r in roots for p in r.glob("*.py")})
+    return mf.json_sha256([[p.parent.name + "/" + p.name, mf.file_sha256(p)] for p in files])
+
+
 def entry_name(bucket: Bucket, precision: str) -> str:
     return f"{bucket.name}-{precision}"
 
 
 def unet_contract(bucket: Bucket, opts: ExportOptions, unet) -> UNetContract:
-    return UNetContract.for_unet(
+    return unet_contract_for(
         unet, bucket, opts.litefocus, batch=opts.batch, text_len=opts.text_len, precision=opts.precision
     )
 
@@ -171,7 +182,7 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
         {
             "schema": mf.SCHEMA_VERSION,
             "versions": mf.library_versions(),
-            "code": mf.code_sha256(),
+            "code": code_sha256(),
             "model": identity,
             "opset": OPSET,
             "litefocus": None if opts.litefocus is None else opts.litefocus.to_dict(),

@@ -16,58 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
-from litefocus.export.contract import PRECISIONS
+from litefocus.engine.contract import PRECISIONS
+from litefocus.engine.tensorrt_backend import (  # noqa: F401 - re-exported: the build API
+    INSTALL_HINT,
+    TensorRTNotInstalled,
+    current_target,
+    require_tensorrt,
+    sm_name,
+    tensorrt_available,
+    trt_logger,
+)
 from litefocus.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "TensorRT is not installed: run `pip install 'litefocus[gpu]'` (or `pip install tensorrt`); "
-    "building and running engines also needs an NVIDIA CUDA GPU"
-)
 OPTIMIZATION_LEVELS = range(6)  # TensorRT's builder_optimization_level accepts 0..5
 _NAME_PART = re.compile(r"[A-Za-z0-9_]+")  # no "-" (the filename separator), "/" or "."
 _VERSION = re.compile(r"\d+(\.\d+)*")
 
 
-class TensorRTNotInstalled(RuntimeError):
-    """The ``tensorrt`` package cannot be imported; the message says how to install it."""
-
-
-def require_tensorrt():
-    """The ``tensorrt`` module, or TensorRTNotInstalled naming the fix."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
-        raise TensorRTNotInstalled(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
-    return trt
-
-
-def tensorrt_available() -> bool:
-    try:
-        require_tensorrt()
-    except TensorRTNotInstalled:
-        return False
-    return True
-
-
 def profile_shapes(contract) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """Input name -> (min, opt, max) of the one optimization profile; static, so all three agree."""
     return {spec.name: (tuple(spec.shape),) * 3 for spec in contract.inputs}
-
-
-def _sm(compute_capability: tuple[int, int]) -> str:
-    cc = compute_capability
-    if (
-        not isinstance(cc, tuple)
-        or len(cc) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in cc)
-        or cc[0] < 1
-    ):
-        raise ValueError(
-            f"compute_capability must be a (major, minor) tuple of ints, e.g. (9, 0); got {cc!r}"
-        )
-    return f"sm{cc[0]}{cc[1]}"
 
 
 def engine_filename(
@@ -81,21 +51,7 @@ def engine_filename(
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not isinstance(trt_version, str) or not _VERSION.fullmatch(trt_version):
         raise ValueError(f"trt_version must look like '10.8.0', got {trt_version!r}")
-    return f"{module}-{bucket_name}-{precision}-trt{trt_version}-{_sm(compute_capability)}.plan"
-
-
-def current_target(device: int = 0) -> tuple[str, tuple[int, int]]:
-    """(TensorRT version, compute capability) of this machine; needs TensorRT and a CUDA GPU."""
-    trt = require_tensorrt()
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "building a TensorRT engine needs a CUDA GPU, and torch sees none "
-            "(install a CUDA build of torch and check `nvidia-smi`)"
-        )
-    major, minor = torch.cuda.get_device_capability(device)
-    return trt.__version__, (int(major), int(minor))
+    return f"{module}-{bucket_name}-{precision}-trt{trt_version}-{sm_name(compute_capability)}.plan"
 
 
 @dataclass(frozen=True)
@@ -147,12 +103,6 @@ def _check_precision(contract, options: BuildOptions) -> None:
             + (" when strongly typed (the graph's dtypes decide)" if options.strongly_typed else "")
             + f"; export the graph in {options.precision} or build with precision={contract.precision!r}"
         )  # fp32 graph + weakly typed fp16 (FP16 builder flag) is the one mix allowed
-
-
-def _trt_logger(trt):
-    if log.isEnabledFor(logging.DEBUG):
-        return trt.Logger(trt.Logger.VERBOSE)
-    return trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.INFO) else trt.Logger.WARNING)
 
 
 def _parse(trt, parser, onnx_path: Path) -> None:
@@ -220,13 +170,13 @@ def build_engine(onnx_path, contract, out_path, options: BuildOptions | None = N
         raise FileNotFoundError(f"no ONNX graph at {onnx_path}")
 
     start = time.perf_counter()
-    trt_logger = _trt_logger(trt)
-    builder = trt.Builder(trt_logger)
+    logger_ = trt_logger(trt)
+    builder = trt.Builder(logger_)
     flags = 0
     if options.strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)  # TensorRT 10 networks are always explicit batch
-    parser = trt.OnnxParser(network, trt_logger)  # owns the weights: keep it alive through the build
+    parser = trt.OnnxParser(network, logger_)  # owns the weights: keep it alive through the build
     _parse(trt, parser, onnx_path)
     _check_network(trt, network, contract)
 
@@ -271,7 +221,7 @@ def build_engine(onnx_path, contract, out_path, options: BuildOptions | None = N
         "sha256": hashlib.sha256(data).hexdigest(),
         "bytes": data.nbytes,
         "tensorrt": version,
-        "compute_capability": _sm(cc),
+        "compute_capability": sm_name(cc),
         "precision": options.precision,
         "optimization_level": options.optimization_level,
         "strongly_typed": options.strongly_typed,

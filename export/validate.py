@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from litefocus.engine.backends import open_session
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,22 +24,6 @@ class ValidationError(RuntimeError):
 
 
 _ORT_TYPES = {"float32": "float", "float16": "float16", "int32": "int32", "int64": "int64"}
-
-
-def onnxruntime_providers(prefer_cuda: bool = True) -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    providers = ["CUDAExecutionProvider"] if prefer_cuda and "CUDAExecutionProvider" in available else []
-    return providers + ["CPUExecutionProvider"]
-
-
-def open_session(onnx_path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), options, providers=providers or onnxruntime_providers())
 
 
 RESOLUTION_ULPS = 4  # an error this many units in the last place of the output's largest value always passes

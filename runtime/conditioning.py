@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
-from litefocus.export.contract import GPT2_TOKENS
+from litefocus.engine.contract import GPT2_TOKENS
 from litefocus.runtime.sampling import Conditioning
 
 

@@ -19,7 +19,7 @@ import torch
 from litefocus.buckets import MAX_SECONDS, SAMPLE_RATE, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
-from litefocus.export.contract import DecodeContract, UNetContract, index_input_name
+from litefocus.engine.contract import DecodeContract, UNetContract, index_input_name
 from litefocus.runtime.audio import Audio
 from litefocus.runtime.sampling import (
     SCHEDULERS,

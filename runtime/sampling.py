@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from litefocus.export.contract import index_input_name
+from litefocus.engine.contract import index_input_name
 from litefocus.install import draw_global_indices
 
 logger = logging.getLogger(__name__)

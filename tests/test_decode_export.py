@@ -9,7 +9,7 @@ import torch
 from diffusers import AudioLDM2Pipeline
 
 from litefocus.buckets import Bucket
-from litefocus.export.contract import DecodeContract
+from litefocus.engine.contract import DecodeContract
 from litefocus.export.decode import DecodeModule, decoded_samples
 from litefocus.models import load_unet, load_vae, load_vocoder, random_vae, random_vocoder
 from tiny_models import TINY_VOCODER_CONFIG, make_tiny_unet, make_tiny_vae, make_tiny_vocoder

@@ -10,9 +10,9 @@ import pytest
 
 from litefocus.buckets import Bucket
 from litefocus.engine import manifest as mf
+from litefocus.engine.backends import open_session
 from litefocus.export import cli, pipeline
 from litefocus.export.audit import AttentionExpectation, AuditError, audit_graph
-from litefocus.export.validate import open_session
 from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
 SECONDS = ["0.3", "0.6"]  # buckets of 8 and 16 latent frames
@@ -295,7 +295,7 @@ def test_audit_rejects_random_ops(tmp_path):
 
 def test_indices_input_changes_the_output(exported):
     """The global sample really is an engine input (not a baked constant)."""
-    from litefocus.export.contract import UNetContract
+    from litefocus.engine.contract import UNetContract
 
     entry = mf.read_manifest(exported)["entries"]["0p32s-fp32"]
     session = open_session(exported / "0p32s-fp32" / "unet.onnx", ["CPUExecutionProvider"])

@@ -211,7 +211,7 @@ def test_export_device_is_checked(capsys):
 def test_io_binding_equals_the_plain_call_on_the_cpu_ep(tmp_path):
     """The IO-binding path (the GPU rows' timed call) against the session's plain run, on the CPU EP."""
     from litefocus.engine.backends import OnnxRuntimeBackend
-    from litefocus.export.contract import TensorSpec
+    from litefocus.engine.contract import TensorSpec
 
     class Contract:
         inputs = (TensorSpec("x", (2, 3), "float32"), TensorSpec("i", (2,), "int32"))

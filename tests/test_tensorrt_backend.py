@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from litefocus.buckets import Bucket
+from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.engine.tensorrt_backend import TensorRTBackend, check_engine_target
-from litefocus.export.contract import DecodeContract, UNetContract
 from litefocus.export.tensorrt_build import TensorRTNotInstalled
 
 TINY_BUCKET = Bucket(seconds=0.32, frames=8)  # latent (1, 8, 8, 16) -> 5120 samples

@@ -13,8 +13,8 @@ import torch
 
 from litefocus import fileio
 from litefocus.buckets import Bucket
+from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.export import tensorrt_build as tb
-from litefocus.export.contract import DecodeContract, UNetContract
 from litefocus.export.tensorrt_build import (
     BuildOptions,
     TensorRTNotInstalled,

@@ -422,7 +422,7 @@ def test_local_model_identity_covers_only_what_the_engines_use(tmp_path):
 def test_validation_checks_output_names_and_shapes_first(tmp_path):
     import torch
 
-    from litefocus.export.contract import TensorSpec
+    from litefocus.engine.contract import TensorSpec
     from litefocus.export.validate import ValidationError, validate
 
     class Contract:  # the parts of a contract that validate() reads

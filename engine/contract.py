@@ -1,7 +1,8 @@
 """Export contracts: the one description of each exportable module's inputs and outputs.
 
 Export, the graph audit, validation, the TensorRT profile, the runtime's buffer allocation and the
-tests all read these; nothing else restates a name, dtype or shape.
+tests all read these; nothing else restates a name, dtype or shape. Torch-free: the serving path
+reads them; ``torch_dtype`` and ``sample_inputs`` (export and tests) import torch when called.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
-import torch
 
-from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, Bucket
+from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, MAX_SECONDS, SAMPLE_RATE, Bucket
 from litefocus.config import LiteFocusConfig
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}
@@ -23,12 +23,7 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 TOLERANCES = {"unet": {"fp32": 1e-4, "fp16": 2e-2}, "decode": {"fp32": 1e-3, "fp16": 2e-2}}
 GPT2_TOKENS = 8  # AudioLDM2's language model generates 8 conditioning tokens
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-}
+__all__ = ["MAX_SECONDS", "SAMPLE_RATE", "Bucket", "LiteFocusConfig"]  # re-exported for the runtime
 
 
 @dataclass(frozen=True)
@@ -38,8 +33,10 @@ class TensorSpec:
     dtype: str  # numpy dtype name
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _TORCH_DTYPES[self.dtype]
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -120,26 +117,6 @@ class UNetContract(_Contract):
         if self.index_levels and (self.litefocus is None or self.litefocus.index_mode != "resample"):
             raise ValueError("UNetContract: index inputs exist only with LiteFocus in index_mode='resample'")
 
-    @classmethod
-    def for_unet(cls, unet, bucket: Bucket, config: LiteFocusConfig | None, **kwargs) -> UNetContract:
-        """The contract of ``unet`` (its conditioning widths and patched layers) for ``bucket``."""
-        from litefocus.install import self_attention_freq_bins
-
-        dims = unet.config.cross_attention_dim
-        first = dims[0] if isinstance(dims[0], (list, tuple)) else dims
-        cross = [d for d in first if d is not None]
-        if len(cross) != 2:
-            raise ValueError(
-                f"not an AudioLDM2 UNet: expected [None, gpt2_dim, t5_dim] cross dims, got {first}"
-            )
-        levels: tuple[tuple[int, int], ...] = ()
-        if config is not None and config.index_mode == "resample" and config.cross_frequency:
-            bins = list(self_attention_freq_bins(unet, LATENT_FREQ_BINS).values())
-            levels = tuple((f, bins.count(f)) for f in config.freq_bins if bucket.num_global(config, f) > 0)
-        return cls(
-            bucket=bucket, gpt2_dim=cross[0], t5_dim=cross[1], litefocus=config, index_levels=levels, **kwargs
-        )
-
     @property
     def float_dtype(self) -> str:
         return PRECISIONS[self.precision]
@@ -163,10 +140,12 @@ class UNetContract(_Contract):
     def outputs(self) -> tuple[TensorSpec, ...]:
         return (TensorSpec("noise_pred", (self.batch, *self.bucket.latent_shape), self.float_dtype),)
 
-    def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Fresh random inputs that satisfy the contract (valid masks and index samples)."""
+    def sample_inputs(self, seed: int = 0) -> dict:
+        """Fresh random inputs (torch tensors) that satisfy the contract (valid masks and index samples)."""
+        import torch
+
         g = torch.Generator().manual_seed(seed)
-        out: dict[str, torch.Tensor] = {}
+        out = {}
         for spec in self.inputs:
             if spec.name == "timestep":
                 out[spec.name] = torch.randint(1, 1000, spec.shape, generator=g).float()
@@ -215,6 +194,8 @@ class DecodeContract(_Contract):
     def outputs(self) -> tuple[TensorSpec, ...]:
         return (TensorSpec("waveform", (self.batch, self.bucket.samples), PRECISIONS[self.precision]),)
 
-    def sample_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+    def sample_inputs(self, seed: int = 0) -> dict:
+        import torch
+
         g = torch.Generator().manual_seed(seed)
         return {s.name: torch.randn(s.shape, generator=g).to(s.torch_dtype) for s in self.inputs}
