@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from litefocus import LiteFocusConfig, litefocus_attention
 from litefocus.bench.measure import device_name, quantile, time_ms
-from litefocus.fileio import atomic_write_bytes
+from litefocus.engine.fileio import atomic_write_bytes
 from litefocus.geometry import latent_frames, level_frames
 
 logger = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ from torch import nn
 
 from litefocus.buckets import LATENT_FREQ_BINS, Bucket
 from litefocus.config import LiteFocusConfig
-
-GPT2_TOKENS = 8  # AudioLDM2's language model generates 8 tokens for the UNet's first cross-attention
+from litefocus.engine.contract import GPT2_TOKENS
 
 
 def _conv_flops(conv: nn.Conv2d, batch: int, h: int, w: int) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from litefocus.bench.run import ROW_FIELDS, SCHEMA_VERSION
-from litefocus.fileio import atomic_path, atomic_write_bytes
+from litefocus.engine.fileio import atomic_path, atomic_write_bytes
 
 BASELINE = "diffusers"
 BACKEND_ORDER = (

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -47,17 +48,11 @@ from litefocus.bench.targets import (
 )
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
+from litefocus.engine.fileio import atomic_write_bytes
 from litefocus.engine.manifest import library_versions
-from litefocus.fileio import atomic_write_bytes
-from litefocus.runtime.sampling import (
-    SCHEDULERS,
-    Conditioning,
-    denoise,
-    index_specs,
-    initial_latents,
-    make_scheduler,
-    scheduler_config,
-)
+from litefocus.runtime.noise_schedule import NoiseSchedule
+from litefocus.runtime.runtime import OpenEntry, generate_audio
+from litefocus.runtime.sampling import SCHEDULERS, Conditioning, GenerateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -160,36 +155,23 @@ def git_commit() -> dict:
 def generate(
     target: Target, source: str, steps: int, seed: int, progress: bool, scheduler: str = "ddim"
 ) -> dict:
-    """A full generation through the runtime's loop: ``steps`` scheduler steps + decode, timed."""
+    """A full generation through the runtime's own ``generate_audio``: ``steps`` sampler steps +
+    decode, timed, on random conditioning (random weights have no text encoders)."""
+    from litefocus.models import scheduler_config
+
     c = target.contract
-    inputs = c.sample_inputs(seed)  # random conditioning: random weights have no text encoders
+    inputs = c.numpy_inputs(seed)
     cond = Conditioning(
-        inputs["encoder_hidden_states"].float(),
-        inputs["encoder_hidden_states_1"].float(),
-        inputs["encoder_attention_mask_1"],
+        inputs["encoder_hidden_states"], inputs["encoder_hidden_states_1"], inputs["encoder_attention_mask_1"]
     )
-    generator = torch.Generator().manual_seed(seed)
-    sched = make_scheduler(scheduler, scheduler_config(source))
-    latents = initial_latents((c.batch // 2, *c.bucket.latent_shape), generator, sched)
-    t0 = time.perf_counter()
-    latents = denoise(
-        target.unet,
-        sched,
-        latents,
-        cond,
-        steps=steps,
-        guidance_scale=GUIDANCE_SCALE,
-        index_specs=index_specs(c),
-        generator=generator,
-        dtype=c.inputs[0].torch_dtype,
-        progress=progress,
-    )
-    t1 = time.perf_counter()
-    wave = target.decode({"latent": latents.to(target.decode_contract.inputs[0].torch_dtype)})
-    t2 = time.perf_counter()  # the decode backend returns a host tensor: its work is done
-    if not torch.isfinite(wave).all():
+    options = GenerateOptions(steps=steps, guidance_scale=GUIDANCE_SCALE, scheduler=scheduler, seed=seed)
+    entry = OpenEntry(target.unet, target.decode, c, target.decode_contract)
+    schedule = NoiseSchedule.from_config(scheduler_config(source))
+    audio = generate_audio(entry, cond, c.bucket.exact_seconds, options, schedule, progress=progress)
+    if not np.isfinite(audio.waveform).all():
         raise RuntimeError(f"{target.backend}: the generated waveform is not finite")
-    return {"generate_s": t2 - t0, "denoise_s": t1 - t0, "decode_s": t2 - t1}
+    t = audio.timings
+    return {"generate_s": t["denoise"] + t["decode"], "denoise_s": t["denoise"], "decode_s": t["decode"]}
 
 
 def measure_row(

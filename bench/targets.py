@@ -115,11 +115,23 @@ class Target:
     _cleanup: list = field(default_factory=list)
 
     def step_fn(self, inputs: dict[str, torch.Tensor]):
-        """One UNet call on ``inputs`` placed on the device once (the timed unit)."""
+        """One UNet call on ``inputs`` placed on the device once (the timed unit). Engine backends:
+        the runtime's per-step path (IO binding on ONNX Runtime: conditioning bound once, the
+        latents copied in and the noise prediction copied out every call)."""
         if self.module is None:
-            if getattr(self.unet, "on_cuda", False):  # ONNX Runtime CUDA EP: IO binding, no host copies
-                return self.unet.bind(inputs)  # (CPU rows keep timing the runtime's own call path)
-            return lambda: self.unet(inputs)
+            feeds = {k: v.numpy() for k, v in inputs.items()}
+            if hasattr(self.unet, "bind"):
+                binding = self.unet.bind()
+                for name, value in feeds.items():
+                    binding.set(name, value)
+
+                def bound():
+                    binding.set("sample", feeds["sample"])
+                    binding.run()
+                    return torch.from_numpy(binding.output())
+
+                return bound
+            return lambda: torch.from_numpy(self.unet(feeds))
         device = next(self.module.parameters()).device
         args = [inputs[name].to(device) for name in self.contract.input_names]
 
@@ -177,8 +189,8 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
             backend,
             contract,
             decode_contract,
-            unet=TorchBackend(module, contract, spec.device),
-            decode=TorchBackend(decode, decode_contract, spec.device),
+            unet=TorchBackend(module, contract, str(spec.device)),
+            decode=TorchBackend(decode, decode_contract, str(spec.device)),
             module=module,
             compiled=compiled,
         )
@@ -217,7 +229,7 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         device=str(spec.device),
     )
     export_engines(opts)
-    runtime = Runtime.load(spec.engines, backend=backend, device=spec.device)
+    runtime = Runtime.load(spec.engines, backend=backend, device=str(spec.device))
     name = entry_name(bucket, spec.precision)  # exactly this bucket and precision
     try:
         unet, decode, contract, decode_contract = runtime.open_entry(name)

@@ -17,11 +17,11 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")  # the one vocabulary of backend names
+RUNTIME_BACKENDS = ("auto", "onnxruntime", "tensorrt")  # what Runtime.load / --backend accept
 
 
 def parse_device(device: str | None) -> tuple[str, int]:
-    """"cpu" | "cuda" | "cuda:N" -> ("cpu", 0) | ("cuda", N); ValueError naming the fix otherwise."""
+    """ "cpu" | "cuda" | "cuda:N" -> ("cpu", 0) | ("cuda", N); ValueError naming the fix otherwise."""
     text = "cpu" if device is None else str(device)
     kind, _, index = text.partition(":")
     if kind == "cpu" and not index:
@@ -160,7 +160,9 @@ class OnnxRuntimeBackend:
             )
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs}
+        feeds = {
+            s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
+        }
         (out,) = self.session.run(self.contract.output_names, feeds)
         return out.astype(np.float32, copy=False)
 
@@ -215,7 +217,8 @@ class Binding:
         self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
 
     def output(self) -> np.ndarray:
-        return self._values[self._out.name].numpy().astype(np.float32, copy=False)
+        # a copy: on the CPU EP, OrtValue.numpy() is a view of the buffer the next run overwrites
+        return np.array(self._values[self._out.name].numpy(), dtype=np.float32, copy=True)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Set every given input, run, return the output: the plain-call interface."""

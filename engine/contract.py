@@ -199,3 +199,98 @@ class DecodeContract(_Contract):
 
         g = torch.Generator().manual_seed(seed)
         return {s.name: torch.randn(s.shape, generator=g).to(s.torch_dtype) for s in self.inputs}
+
+
+TOLERANCES["conditioning"] = {"fp32": 1e-4}
+
+
+@dataclass(frozen=True)
+class ConditioningContract(_Contract):
+    """AudioLDM2's text conditioning for one CFG pair [negative, prompt], token ids -> UNet inputs.
+
+    CLAP (RoBERTa ids padded to ``clap_len``) + Flan-T5 (ids padded to ``text_len``) -> projection
+    -> GPT-2 (8 generated states). The outputs carry the UNet's input names. fp32 only.
+    """
+
+    module: ClassVar[str] = "conditioning"
+    clap_len: int
+    text_len: int
+    gpt2_dim: int
+    t5_dim: int
+    batch: int = 2
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision != "fp32":
+            raise ValueError(f"ConditioningContract.precision must be 'fp32', got {self.precision!r}")
+        for name in ("clap_len", "text_len", "gpt2_dim", "t5_dim", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ConditioningContract.{name} must be a positive int, got {value!r}")
+        if self.batch != 2:
+            raise ValueError(f"ConditioningContract.batch must be 2 (the CFG pair), got {self.batch!r}")
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        b = self.batch
+        return (
+            TensorSpec("clap_input_ids", (b, self.clap_len), "int64"),
+            TensorSpec("clap_attention_mask", (b, self.clap_len), "int64"),
+            TensorSpec("t5_input_ids", (b, self.text_len), "int64"),
+            TensorSpec("t5_attention_mask", (b, self.text_len), "int64"),
+        )
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        b = self.batch
+        return (
+            TensorSpec("encoder_hidden_states", (b, GPT2_TOKENS, self.gpt2_dim), "float32"),
+            TensorSpec("encoder_hidden_states_1", (b, self.text_len, self.t5_dim), "float32"),
+        )
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "clap_len": self.clap_len, "text_len": self.text_len}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ConditioningContract:
+        """Rebuild from ``to_dict()``; ValueError when the record is not one this version writes."""
+        try:
+            shapes = {s["name"]: s["shape"] for s in (*d["outputs"], *d["inputs"])}
+            contract = cls(
+                clap_len=d["clap_len"],
+                text_len=d["text_len"],
+                gpt2_dim=shapes["encoder_hidden_states"][2],
+                t5_dim=shapes["encoder_hidden_states_1"][2],
+                batch=d["batch"],
+                precision=d["precision"],
+            )
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"not a conditioning contract ({type(e).__name__}: {str(e)[:80]})") from None
+        if contract.to_dict() != d:
+            raise ValueError("the conditioning contract does not match this litefocus version's")
+        return contract
+
+    def sample_inputs(self, seed: int = 0, vocab_sizes: tuple[int, int] = (32, 32)) -> dict:
+        """Random token ids below ``vocab_sizes`` (CLAP, T5) with right-padded masks, as the runner
+        feeds them: the prompt row (1) holds the longest T5 sequence, the negative row (0) at most as many."""
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        b = self.batch
+
+        def ids(vocab: int, length: int):
+            return torch.randint(0, vocab, (b, length), generator=g, dtype=torch.int64)
+
+        def prefix_mask(lengths, length: int):
+            return (torch.arange(length)[None, :] < lengths[:, None]).to(torch.int64)
+
+        clap_lengths = torch.randint(min(2, self.clap_len), self.clap_len + 1, (b,), generator=g)
+        prompt_len = int(torch.randint(1, self.text_len + 1, (1,), generator=g))
+        t5_lengths = torch.randint(1, prompt_len + 1, (b,), generator=g)
+        t5_lengths[-1] = prompt_len
+        return {
+            "clap_input_ids": ids(vocab_sizes[0], self.clap_len),
+            "clap_attention_mask": prefix_mask(clap_lengths, self.clap_len),
+            "t5_input_ids": ids(vocab_sizes[1], self.text_len),
+            "t5_attention_mask": prefix_mask(t5_lengths, self.text_len),
+        }

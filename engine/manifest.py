@@ -3,6 +3,7 @@
     engines/
       manifest.json
       80s-fp32/unet.onnx, unet.onnx.data, decode.onnx, decode.onnx.data[, *.plan]
+      text/conditioning.onnx, conditioning.onnx.data, tokenizer.json, tokenizer_2.json  (optional)
 
 The manifest carries identity: schema version, library versions, model source and weight hash,
 the LiteFocus config, and per entry the shapes, files (SHA-256 + size), validation errors and build
@@ -17,7 +18,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from litefocus.fileio import atomic_path
+from litefocus.engine.fileio import atomic_path
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -150,6 +151,8 @@ def parse_manifest(path: Path) -> dict:
         )
     for name, entry in manifest["entries"].items():
         check_entry(path, name, entry)
+    if "text" in manifest:
+        check_text(path, manifest["text"], manifest["entries"])
     return manifest
 
 
@@ -188,6 +191,45 @@ def check_entry(path: Path, name: str, entry: dict) -> None:
                     f"{where}.modules.{module}.files.{kind}.path = {_short(f['path'])}: must be "
                     f"{name}/{expected or '<name>.plan'}; {FIX}"
                 )
+
+
+TEXT_DIR = "text"  # the text-conditioning engine's folder (never a bucket entry's name)
+TEXT_FILES = {
+    "onnx": "conditioning.onnx",
+    "data": "conditioning.onnx.data",
+    "tokenizer": "tokenizer.json",
+    "tokenizer_2": "tokenizer_2.json",
+}
+
+
+def check_text(path: Path, text: dict, entries: dict | None = None) -> None:
+    """Cross-check the text engine's record: file names, the contract (rebuilt: shapes and names
+    follow from its lengths and widths), the CLAP tokenizer's length, and the conditioning widths
+    against every entry's UNet inputs."""
+    from litefocus.engine.contract import ConditioningContract
+
+    where = f"{path}: $.text"
+    for kind, f in text["files"].items():
+        want = f"{TEXT_DIR}/{TEXT_FILES[kind]}"
+        if f["path"] != want:
+            raise ManifestError(f"{where}.files.{kind}.path = {_short(f['path'])}: must be {want}; {FIX}")
+    try:
+        ConditioningContract.from_dict(text["contract"])
+    except ValueError as e:
+        raise ManifestError(f"{where}.contract: {e}; {FIX}") from None
+    clap_len = text["tokenizers"]["tokenizer"]["model_max_length"]
+    if clap_len != text["contract"]["clap_len"]:
+        raise ManifestError(
+            f"{where}.tokenizers.tokenizer.model_max_length = {clap_len} disagrees with the contract's "
+            f"clap_len = {text['contract']['clap_len']}; {FIX}"
+        )
+    widths = {o["name"]: o["shape"][-1] for o in text["contract"]["outputs"]}
+    for name, entry in (entries or {}).items():
+        unet = {i["name"]: i["shape"][-1] for i in entry["modules"]["unet"]["contract"]["inputs"]}
+        if any(unet.get(k) != v for k, v in widths.items()):
+            raise ManifestError(
+                f"{where}.contract: its conditioning widths {widths} differ from entry {name!r}'s UNet inputs; {FIX}"
+            )
 
 
 def read_manifest(engine_dir: Path) -> dict:
@@ -237,8 +279,18 @@ def entry_files(entry: dict) -> list[dict]:
 
 def verify_entry(engine_dir: Path, entry: dict) -> list[str]:
     """Problems with an entry's files (missing, size or hash mismatch); empty when all verify."""
+    return _verify_files(engine_dir, entry_files(entry))
+
+
+def verify_text(engine_dir: Path, manifest: dict) -> list[str]:
+    """Problems with the text engine's files (as verify_entry); empty when all verify or there is none."""
+    text = manifest.get("text")
+    return [] if text is None else _verify_files(engine_dir, list(text.get("files", {}).values()))
+
+
+def _verify_files(engine_dir: Path, records: list[dict]) -> list[str]:
     problems = []
-    for rec in entry_files(entry):
+    for rec in records:
         try:
             path = artifact_path(engine_dir, rec["path"])
         except ManifestError as e:

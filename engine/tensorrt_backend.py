@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +20,7 @@ INSTALL_HINT = (
     "TensorRT is not installed: run `pip install 'litefocus[gpu]'` (or `pip install tensorrt`); "
     "building and running engines also needs an NVIDIA CUDA GPU"
 )
+
 
 class TensorRTNotInstalled(RuntimeError):
     """The ``tensorrt`` package cannot be imported; the message says how to install it."""
@@ -75,7 +75,6 @@ def trt_logger(trt):
     if log.isEnabledFor(logging.DEBUG):
         return trt.Logger(trt.Logger.VERBOSE)
     return trt.Logger(trt.Logger.INFO if log.isEnabledFor(logging.INFO) else trt.Logger.WARNING)
-
 
 
 REEXPORT_HINT = (
@@ -142,19 +141,24 @@ def check_engine_io(trt, engine, contract, where: str = "engine") -> None:
 class TensorRTBackend:
     """One deserialized engine with one execution context; calls are serialized with a lock.
 
-    ``device`` is a CUDA device in real use; "cpu" exists only for tests with a fake ``tensorrt``
-    (no stream then, and the stream handle passed to ``execute_async_v3`` is 0).
+    ``device``: the CUDA device the runtime chose ("cuda:N"); "cpu" exists only for tests with a
+    fake ``tensorrt`` (no stream then, and the stream handle passed to ``execute_async_v3`` is 0).
+    Inputs and output are numpy; the device buffers are preallocated torch CUDA tensors, so this
+    backend needs torch (UNVERIFIED on a GPU: TensorRT is not installable where this was written).
     """
 
     name = "tensorrt"
 
-    def __init__(self, plan_path, contract, record: dict, device: torch.device | str = "cuda"):
+    def __init__(self, plan_path, contract, record: dict, device: str = "cuda"):
+        import torch
+
         trt = require_tensorrt()
+        self._torch = torch
         self.contract = contract
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         if cuda and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.device = torch.device("cuda", 0)
         if len(contract.outputs) != 1:
             raise ValueError(f"TensorRTBackend needs a one-output contract, got {contract.output_names}")
         check_engine_target(record, self.device.index or 0)
@@ -173,43 +177,39 @@ class TensorRTBackend:
             if self.context is None:
                 raise RuntimeError(f"TensorRT could not create an execution context for {plan_path}")
             self.stream = torch.cuda.Stream(self.device) if cuda else None
-            self._outputs = {
+            self._buffers = {  # preallocated once: every call copies into them, no per-call allocation
                 s.name: torch.empty(s.shape, dtype=s.torch_dtype, device=self.device)
-                for s in contract.outputs
+                for s in (*contract.inputs, *contract.outputs)
             }
+            for name, buf in self._buffers.items():
+                self.context.set_tensor_address(name, buf.data_ptr())
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
         with self._lock:
             if self.context is None:
                 raise RuntimeError("TensorRTBackend is closed")
             cuda = self.stream is not None
-            if cuda:  # inputs made on the caller's stream must be ready before ours reads them
-                self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
-                feeds = {}  # kept alive until the stream is synchronized
                 for spec in self.contract.inputs:
-                    t = inputs[spec.name]
-                    if tuple(t.shape) != tuple(spec.shape):
+                    value = np.ascontiguousarray(inputs[spec.name], dtype=spec.numpy_dtype)
+                    if value.shape != tuple(spec.shape):
                         raise ValueError(
-                            f"input {spec.name!r} has shape {tuple(t.shape)}, the engine takes {spec.shape}"
+                            f"input {spec.name!r} has shape {value.shape}, the engine takes {spec.shape}"
                         )
-                    feeds[spec.name] = t.to(device=self.device, dtype=spec.torch_dtype).contiguous()
-                    self.context.set_tensor_address(spec.name, feeds[spec.name].data_ptr())
-                for name, buf in self._outputs.items():
-                    self.context.set_tensor_address(name, buf.data_ptr())
+                    self._buffers[spec.name].copy_(torch.from_numpy(value), non_blocking=False)
                 ok = self.context.execute_async_v3(self.stream.cuda_stream if cuda else 0)
                 if cuda:
                     self.stream.synchronize()
                 if not ok:
                     raise RuntimeError("TensorRT execute_async_v3 failed (see its log above)")
-                (out,) = self._outputs.values()
-                # copy=True: never hand out the preallocated buffer itself (the next call overwrites it)
-                return out.to(device="cpu", dtype=torch.float32, copy=True)
+                (out,) = self.contract.outputs
+                return self._buffers[out.name].cpu().numpy().astype(np.float32)  # a copy: never the buffer
 
     def close(self) -> None:
         with self._lock:
             self.context = None  # the context before the engine, the engine before the runtime
             self.engine = None
             self._runtime = None
-            self._outputs = {}
+            self._buffers = {}
             self.stream = None

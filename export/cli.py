@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="cuda" if gpu else "cpu",
         help="where PyTorch traces and validates the modules (default: cuda when there is a GPU)",
     )
+    p.add_argument(
+        "--no-text",
+        action="store_true",
+        help="skip the text-conditioning engine (text/: prompt -> conditioning without torch), which is "
+        "otherwise exported once per directory when the model has text encoders",
+    )
     p.add_argument("--force", action="store_true", help="rebuild even when a cached entry matches")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     return p
@@ -152,6 +158,7 @@ def options_from_args(args: argparse.Namespace):
         force=args.force,
         quiet=args.quiet,
         device=device,
+        text=not args.no_text,
     )
 
 
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"litefocus-export: export failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print_table(rows, opts.out)
+    if manifest.get("text") is not None:
+        print(f"text conditioning engine in {opts.out}/text/ (prompt -> UNet conditioning, no torch)")
     return 0
 
 

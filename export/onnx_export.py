@@ -19,7 +19,7 @@ from litefocus.buckets import LATENT_FREQ_BINS, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine.contract import UNetContract, index_input_name
 from litefocus.export.fold import fold_static_shapes
-from litefocus.install import self_attention_freq_bins
+from litefocus.installer import self_attention_freq_bins
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 Stages per entry: export -> audit -> validate -> build (TensorRT, when asked and installed), for the
 UNet and the decode graph. Each entry is built in a temporary directory and renamed into place,
 then the manifest is rewritten atomically: an interrupted or failed export leaves no half-written
-entry behind. An entry whose cache key and files match is reused.
+entry behind. An entry whose cache key and files match is reused. A model with text encoders also
+gets one text-conditioning engine per directory (``text/``, same rules; see ``_export_text``).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
-from litefocus.install import self_attention_freq_bins
-from litefocus.models import random_source
+from litefocus.installer import self_attention_freq_bins
+from litefocus.models import random_source, scheduler_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ExportOptions:
     force: bool = False
     quiet: bool = False
     device: str = "cpu"  # where the PyTorch modules are traced and run for validation (fp16: cuda)
+    text: bool = True  # export the text-conditioning engine (when the model has text encoders)
 
 
 def resolve_backend(backend: str) -> str:
@@ -117,6 +119,39 @@ class Components:
             handle = litefocus.install(unet, self.opts.litefocus) if self.opts.litefocus is not None else None
             self._models = (unet, handle, vae, vocoder)
         return self._models
+
+    def text_parts(self) -> list[str] | None:
+        """The model's text-component folders, None when it has none (random weights, a directory
+        without them); a hub id is assumed to have them (loading says otherwise)."""
+        if self.opts.random_preset is not None:
+            return None
+        from litefocus.export.conditioning import TEXT_PARTS
+
+        path = Path(str(self.opts.model)).expanduser()
+        if not path.is_dir():
+            return list(TEXT_PARTS)
+        present = [p for p in TEXT_PARTS if (path / p).is_dir()]
+        if present and len(present) < len(TEXT_PARTS):
+            logger.warning(
+                "%s has %s but not %s: no text engine exported",
+                path,
+                ", ".join(present),
+                ", ".join(p for p in TEXT_PARTS if p not in present),
+            )
+        return present if len(present) == len(TEXT_PARTS) else None
+
+    def text_identity(self) -> dict:
+        """What the text engine is built from: the text folders' files (a local model), else the hub id
+        with the engines' weight hash (a proxy for the revision)."""
+        from litefocus.export.conditioning import TEXT_PARTS
+
+        source = self.identity["source"]
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for part in TEXT_PARTS for p in (path / part).rglob("*") if p.is_file())
+            digest = mf.json_sha256([[p.relative_to(path).as_posix(), mf.file_sha256(p)] for p in files])
+            return {"source": source, "text_sha256": digest}
+        return {"source": source, "weights_sha256": self.weights_identity()["weights_sha256"]}
 
     def decode(self, contract: DecodeContract):
         from litefocus.export.decode import DecodeModule
@@ -318,7 +353,17 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     with _locked(out):
         _check_out(out)  # again, under the lock: another export may have written meanwhile
         manifest = _open_manifest(out, components.weights_identity(), config, opts.force)
-        return _export_buckets(out, opts, components, manifest)
+        schedule = scheduler_config(manifest["model"]["source"])  # the runtime's samplers read it here
+        if manifest.get("scheduler") != schedule:
+            manifest = {**manifest, "scheduler": schedule}
+            mf.write_manifest(out, manifest)
+        text = opts.text and components.text_parts() is not None
+        if text:
+            _check_text_dir(out, manifest)  # before anything heavy
+        manifest, rows = _export_buckets(out, opts, components, manifest)
+        if text:
+            _export_text(out, opts, components, manifest)
+        return manifest, rows
 
 
 @contextlib.contextmanager
@@ -360,9 +405,10 @@ def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) 
 
 
 def _drop_entries(out: Path, manifest: dict) -> None:
-    """Delete the entry folders a (valid) litefocus manifest lists: nothing else, no symlinks."""
-    mf.write_manifest(out, {**manifest, "entries": {}})  # first: never list a deleted folder
-    for name in manifest["entries"]:
+    """Delete the entry folders (and text engine) a (valid) litefocus manifest lists: nothing else, no symlinks."""
+    kept = {k: v for k, v in manifest.items() if k != "text"}
+    mf.write_manifest(out, {**kept, "entries": {}})  # first: never list a deleted folder
+    for name in [*manifest["entries"], *([mf.TEXT_DIR] if "text" in manifest else [])]:
         folder = out / name
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
@@ -447,3 +493,81 @@ def _summary(entry: dict) -> dict:
         "mb": sum(f["bytes"] for m in mods.values() for f in m["files"].values()) / 2**20,
         "build_s": entry["build_seconds"],
     }
+
+
+# ---- the text-conditioning engine: once per engine directory, in text/ -----------------------------
+def text_cache_key(opts: ExportOptions, text_identity: dict) -> str:
+    """Hash of everything that shapes the text engine's artifacts."""
+    return mf.json_sha256(
+        {
+            "schema": mf.SCHEMA_VERSION,
+            "versions": mf.library_versions(),
+            "code": code_sha256(),
+            "model": text_identity,
+            "opset": OPSET,
+            "text_len": opts.text_len,
+            "module": "conditioning",
+        }
+    )
+
+
+def _check_text_dir(out: Path, manifest: dict) -> None:
+    """Refuse a text/ that the manifest does not list: litefocus replaces only what it recorded."""
+    folder = out / mf.TEXT_DIR
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if "text" not in manifest:
+        raise ValueError(
+            f"--out {out} has a {mf.TEXT_DIR}/ that its manifest does not list (an interrupted export's, or not "
+            f"litefocus's); litefocus leaves it alone: remove it, or pass --no-text"
+        )
+    if folder.is_symlink() or not folder.is_dir():
+        raise ValueError(
+            f"--out {out}: {mf.TEXT_DIR} is not a directory; litefocus leaves it alone: remove it"
+        )
+
+
+def _export_text(out: Path, opts: ExportOptions, components: Components, manifest: dict) -> dict:
+    """The text engine: reused when its key matches and its files verify, else built in a temporary
+    folder and renamed to text/ (then the manifest is rewritten)."""
+    from litefocus.export.conditioning import conditioning_contract, export_conditioning, load_text_parts
+
+    key = text_cache_key(opts, components.text_identity())
+    old = manifest.get("text")
+    if not opts.force and old and old.get("key") == key and not mf.verify_text(out, manifest):
+        logger.info("text engine: cached (key %s)", key[:12])
+        return old
+    t0 = time.perf_counter()
+    source = components.identity["source"]
+    try:
+        parts = load_text_parts(source)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(
+            f"could not load the text encoders of {source} ({type(e).__name__}: {first}); pass --no-text to "
+            "export without the text engine"
+        ) from None
+    contract = conditioning_contract(parts, opts.text_len)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mf.TEXT_DIR}-", dir=out))
+    try:
+        result = export_conditioning(parts, contract, tmp)
+        record = {
+            "key": key,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "opset": OPSET,
+            "contract": contract.to_dict(),
+            "files": {k: mf.file_record(p, mf.TEXT_DIR) for k, p in result["paths"].items()},
+            "tokenizers": result["tokenizers"],
+            "validation": result["validation"],
+            "export_seconds": time.perf_counter() - t0,
+            "versions": mf.library_versions(),
+        }
+        _check_text_dir(out, manifest)  # the folder replaced below is the one the manifest lists
+        _install_entry(out, mf.TEXT_DIR, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest["text"] = record
+    manifest["versions"] = mf.library_versions()
+    mf.write_manifest(out, manifest)
+    return record

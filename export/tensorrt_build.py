@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from litefocus.engine.contract import PRECISIONS
+from litefocus.engine.fileio import atomic_write_bytes
 from litefocus.engine.tensorrt_backend import (  # noqa: F401 - re-exported: the build API
     INSTALL_HINT,
     TensorRTNotInstalled,
@@ -26,7 +27,6 @@ from litefocus.engine.tensorrt_backend import (  # noqa: F401 - re-exported: the
     tensorrt_available,
     trt_logger,
 )
-from litefocus.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

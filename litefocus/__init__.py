@@ -3,23 +3,36 @@
 import litefocus
 handle = litefocus.install(pipe.unet, litefocus.LiteFocusConfig())
 litefocus.uninstall(pipe.unet)
+
+The names below load on first use (PEP 562): ``import litefocus.runtime`` (the serving path) must
+not pull torch in through this package's ``__init__``.
 """
 
-from litefocus.attention import litefocus_attention, reference_litefocus_attention
-from litefocus.buckets import Bucket
-from litefocus.config import LiteFocusConfig
-from litefocus.install import LiteFocusHandle, get_handle, install, uninstall
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Bucket",
-    "LiteFocusConfig",
-    "LiteFocusHandle",
-    "get_handle",
-    "install",
-    "litefocus_attention",
-    "reference_litefocus_attention",
-    "uninstall",
-    "__version__",
-]
+_EXPORTS = {
+    "litefocus_attention": "litefocus.attention",
+    "reference_litefocus_attention": "litefocus.attention",
+    "Bucket": "litefocus.buckets",
+    "LiteFocusConfig": "litefocus.config",
+    "LiteFocusHandle": "litefocus.installer",
+    "get_handle": "litefocus.installer",
+    "install": "litefocus.installer",
+    "uninstall": "litefocus.installer",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'litefocus' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -279,3 +279,20 @@ def load_components(
         load_vae(source, dtype=dtype, device=device),
         load_vocoder(source, dtype=dtype, device=device),
     )
+
+
+def scheduler_config(source: str) -> dict:
+    """The scheduler config of a model source: its own (a local directory or a hub id), else the
+    AudioLDM2 DDIM defaults shipped with litefocus (random weights, or a hub model without one).
+    The export records it in the manifest; the runtime's numpy samplers read it from there."""
+    path = Path(source) / "scheduler" / "scheduler_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not source.startswith("random:"):  # a hub model: its own scheduler config
+        from diffusers import DDIMScheduler
+
+        try:
+            return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
+        except OSError as e:
+            logger.warning("no scheduler config for %s (%s); using AudioLDM2's DDIM defaults", source, e)
+    return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())

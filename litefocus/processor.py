@@ -15,7 +15,7 @@ import torch
 from litefocus.attention import focus_attention_grid
 
 if TYPE_CHECKING:  # pragma: no cover
-    from litefocus.install import LiteFocusHandle
+    from litefocus.installer import LiteFocusHandle
 
 
 class LiteFocusAttnProcessor:

@@ -1,4 +1,4 @@
-"""litefocus.runtime: load an engine directory once, generate long audio many times.
+"""litefocus.runtime: load an engine directory once, generate long audio many times (no torch).
 
 from litefocus.runtime import Runtime
 with Runtime.load("engines") as rt:
@@ -7,6 +7,6 @@ with Runtime.load("engines") as rt:
 
 from litefocus.runtime.audio import Audio, write_wav
 from litefocus.runtime.runtime import Runtime
-from litefocus.runtime.sampling import Conditioning
+from litefocus.runtime.sampling import Conditioning, GenerateOptions
 
-__all__ = ["Audio", "Conditioning", "Runtime", "write_wav"]
+__all__ = ["Audio", "Conditioning", "GenerateOptions", "Runtime", "write_wav"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from litefocus.fileio import atomic_path
+from litefocus.engine.fileio import atomic_path
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class Audio:
     sample_rate: int
     seconds: float
     bucket: str  # the engine entry that produced it
+    seed: int | None = None  # the seed the noise and LiteFocus samples came from (drawn when not given)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
 

@@ -6,12 +6,11 @@ litefocus-generate "rain on a tin roof" --seconds 80 --engines engines -o rain.w
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import logging
 import sys
 from pathlib import Path
 
+from litefocus.engine.backends import RUNTIME_BACKENDS
 from litefocus.runtime.sampling import SCHEDULERS
 
 
@@ -32,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--guidance", type=float, default=3.5, help="classifier-free guidance scale (>= 1)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto")
+    p.add_argument("--backend", choices=RUNTIME_BACKENDS, default="auto")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda[:N]: ONNX Runtime's CUDA EP (onnxruntime-gpu) or TensorRT",
+    )
     p.add_argument("--float", action="store_true", help="32-bit float WAV instead of 16-bit PCM")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -55,32 +59,9 @@ def check_output_path(path: Path) -> None:
         raise ValueError(f"-o {path}: cannot write in {path.parent} ({e.strerror})") from None
 
 
-@contextlib.contextmanager
-def _quiet_libraries(quiet: bool):
-    """With -q, transformers' and diffusers' own loading messages and progress bars are off too
-    (restored afterwards: main() may run inside a larger process)."""
-    saved = []
-    if quiet:
-        for name in ("transformers", "diffusers"):
-            try:
-                logs = importlib.import_module(f"{name}.utils").logging
-            except ImportError:
-                continue
-            saved.append((logs, logs.get_verbosity(), logs.is_progress_bar_enabled()))
-            logs.set_verbosity_error()
-            logs.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for logs, verbosity, bars in saved:
-            logs.set_verbosity(verbosity)
-            if bars:
-                logs.enable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
-    from litefocus.export.tensorrt_build import TensorRTNotInstalled
-    from litefocus.runtime import Runtime, write_wav
+    from litefocus.engine.tensorrt_backend import TensorRTNotInstalled
+    from litefocus.runtime import GenerateOptions, Runtime, write_wav
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -90,17 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         check_output_path(args.output)
         if args.seed is not None and not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed {args.seed} is out of range; use an integer in [0, 2**63)")
-        with _quiet_libraries(args.quiet), Runtime.load(args.engines, backend=args.backend) as rt:
-            audio = rt.generate(
-                args.prompt,
-                args.seconds,
-                negative_prompt=args.negative_prompt,
-                steps=args.steps,
-                guidance_scale=args.guidance,
-                scheduler=args.scheduler,
-                seed=args.seed,
-                progress=not args.quiet,
-            )
+        options = GenerateOptions(
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            negative_prompt=args.negative_prompt,
+        )
+        with Runtime.load(args.engines, backend=args.backend, device=args.device) as rt:
+            audio = rt.generate(args.prompt, args.seconds, options, progress=not args.quiet)
         write_wav(args.output, audio, float32=args.float)
     except ValueError as e:
         print(f"litefocus-generate: error: {e}", file=sys.stderr)
@@ -113,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     times = ", ".join(f"{k} {v:.2f} s" for k, v in audio.timings.items())
     print(
-        f"wrote {args.output}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket {audio.bucket} ({times})"
+        f"wrote {args.output}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket "
+        f"{audio.bucket}, seed {audio.seed} ({times})"
     )
     return 0
 

@@ -7,6 +7,7 @@ model outputs walks the same trajectory as diffusers' scheduler.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,25 @@ class NoiseSchedule:
     timestep_spacing: str | None = None  # None: each sampler's own default (DDIM leading, DPM linspace)
 
     def __post_init__(self) -> None:
+        kinds = {"steps_offset": int, "set_alpha_to_one": bool, "clip_sample": bool}
+        kinds.update(dict.fromkeys(("beta_start", "beta_end", "clip_sample_range"), float))
+        for name, kind in kinds.items():  # from an untrusted manifest: types first
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, bool)
+                if kind is bool
+                else (
+                    isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+                )
+            )
+            if not ok or (kind is float and not math.isfinite(value)):
+                raise ValueError(
+                    f"{name} must be a{'n' if kind is int else ''} {kind.__name__}, got {value!r}"
+                )
+        if self.steps_offset < 0 or self.clip_sample_range <= 0:
+            raise ValueError(
+                f"need steps_offset >= 0 and clip_sample_range > 0, got {self.steps_offset}, {self.clip_sample_range}"
+            )
         if self.beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(
                 f"beta_schedule {self.beta_schedule!r} is not supported; use linear or scaled_linear"
@@ -53,7 +73,8 @@ class NoiseSchedule:
         if config.get("trained_betas") is not None:
             raise ValueError("scheduler config: trained_betas is not supported by litefocus's samplers")
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in config.items() if k in names})
+        defaulted = set(config.get("_use_default_values") or ())  # diffusers: not the model's own choice
+        return cls(**{k: v for k, v in config.items() if k in names and k not in defaulted})
 
     def check_steps(self, steps: int) -> int:
         """``steps`` if it is a usable number of sampling steps for this schedule, else ValueError."""

@@ -1,77 +1,133 @@
-"""The sampling loop as small pure stages: scheduler, initial noise, one denoising step, the loop.
+"""The sampling loop as small pure stages, in numpy: options, initial noise, one step, the loop.
 
-The UNet is passed in as a callable ``unet(inputs: dict[str, Tensor]) -> noise_pred`` whose inputs
-are the export contract's (so PyTorch, ONNX Runtime and TensorRT backends are interchangeable).
-Classifier-free guidance runs as ONE batched call: [unconditional, conditional], as diffusers does.
+The UNet is a backend of ``litefocus.engine.backends`` (ONNX Runtime, TensorRT or the PyTorch
+reference) driven through ``UNetCall``: the conditioning is placed once per request (IO binding on
+ONNX Runtime: buffers on the session's device), each step sets the latents, timestep and LiteFocus
+indices and reads back the noise prediction. Classifier-free guidance runs as ONE batched call,
+[unconditional, conditional], as diffusers does. All randomness (initial noise, then the LiteFocus
+global samples step by step) comes from one ``numpy.random.Generator`` seeded per request.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 from tqdm import tqdm
 
 from litefocus.engine.contract import index_input_name
-from litefocus.install import draw_global_indices
-
-logger = logging.getLogger(__name__)
+from litefocus.runtime.ddim import DDIM
+from litefocus.runtime.dpm_solver import DPMSolverPP2M
+from litefocus.runtime.noise_schedule import NoiseSchedule
 
 SCHEDULERS = ("ddim", "dpm++")
+SEED_LIMIT = 2**63
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How to sample one request; checked once, here. ``latents``: the initial noise [1, 8, T, 16]
+    (diffusers' ``latents=``; scaled by the sampler's initial sigma), else drawn from ``seed``."""
+
+    steps: int = 200
+    guidance_scale: float = 3.5
+    scheduler: str = "ddim"
+    seed: int | None = None
+    negative_prompt: str | None = None
+    latents: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        s = self.steps
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"steps must be an int >= 1, got {s!r}")
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 1:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance), got {g!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT
+        ):
+            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string or None, got {self.negative_prompt!r}")
+        if self.latents is not None:
+            x = np.asarray(self.latents)
+            if x.ndim != 4 or x.shape[0] != 1 or not np.issubdtype(x.dtype, np.floating):
+                raise ValueError(
+                    f"latents must be a float array [1, 8, T, 16], got {x.dtype} {list(x.shape)}"
+                )
+            if not np.isfinite(x).all():
+                raise ValueError("latents contain NaN or infinity")
+            object.__setattr__(self, "latents", x.astype(np.float32))
+        object.__setattr__(self, "steps", int(s))
+        object.__setattr__(self, "guidance_scale", float(g))
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """UNet conditioning for one prompt, CFG-batched as [negative/unconditional, prompt] when guided.
 
-    gpt2: [B, 8, D_gpt2]; t5: [B, L, D_t5]; t5_mask: [B, L] (1 = token, 0 = padding).
+    gpt2: float32 [B, 8, D_gpt2]; t5: float32 [B, L, D_t5]; t5_mask: int32 [B, L] (1 = token, 0 = padding).
     """
 
-    gpt2: torch.Tensor
-    t5: torch.Tensor
-    t5_mask: torch.Tensor
+    gpt2: np.ndarray
+    t5: np.ndarray
+    t5_mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        gpt2, t5, mask = (np.asarray(x) for x in (self.gpt2, self.t5, self.t5_mask))
+        if gpt2.ndim != 3 or t5.ndim != 3 or mask.ndim != 2:
+            raise ValueError(
+                f"conditioning must be gpt2 [B, 8, D], t5 [B, L, D], t5_mask [B, L]; got "
+                f"{list(gpt2.shape)}, {list(t5.shape)}, {list(mask.shape)}"
+            )
+        if not (gpt2.shape[0] == t5.shape[0] == mask.shape[0]) or t5.shape[1] != mask.shape[1]:
+            raise ValueError(
+                f"conditioning batch/length mismatch: {list(gpt2.shape)}, {list(t5.shape)}, {list(mask.shape)}"
+            )
+        object.__setattr__(self, "gpt2", gpt2.astype(np.float32, copy=False))
+        object.__setattr__(self, "t5", t5.astype(np.float32, copy=False))
+        object.__setattr__(self, "t5_mask", mask.astype(np.int32, copy=False))
 
     @property
     def batch(self) -> int:
         return self.gpt2.shape[0]
 
+    def padded(self, length: int) -> Conditioning:
+        """The T5 sequence zero-padded (mask 0) to the engine's fixed length."""
+        b, n, d = self.t5.shape
+        if n > length:
+            raise ValueError(f"T5 conditioning has {n} tokens, the engine takes at most {length}")
+        if n == length:
+            return self
+        t5 = np.concatenate([self.t5, np.zeros((b, length - n, d), np.float32)], axis=1)
+        mask = np.concatenate([self.t5_mask, np.zeros((b, length - n), np.int32)], axis=1)
+        return Conditioning(self.gpt2, t5, mask)
 
-def make_scheduler(name: str, config: dict):
-    """A fresh scheduler per request (schedulers are stateful), configured from the model's config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    def repeated(self, times: int) -> Conditioning:
+        return Conditioning(*(np.concatenate([x] * times) for x in (self.gpt2, self.t5, self.t5_mask)))
 
+
+def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
+    """A fresh sampler per request (DPM-Solver++ keeps state between steps)."""
     if name == "ddim":
-        return DDIMScheduler.from_config(config)
+        return DDIM(schedule, steps)
     if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+        return DPMSolverPP2M(schedule, steps)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-def initial_latents(shape: tuple[int, ...], generator: torch.Generator, scheduler) -> torch.Tensor:
-    """Gaussian noise scaled by the scheduler's initial sigma (diffusers' prepare_latents)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
-
-
-def scheduler_config(source: str) -> dict:
-    """The scheduler config of a model source: its own (a local directory or a hub id), else the
-    AudioLDM2 DDIM defaults shipped with litefocus (random weights, or a hub model without one)."""
-    import json
-    from importlib import resources
-    from pathlib import Path
-
-    path = Path(source) / "scheduler" / "scheduler_config.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    if not source.startswith("random:"):  # a hub model: its own scheduler config
-        from diffusers import DDIMScheduler
-
-        try:
-            return dict(DDIMScheduler.load_config(source, subfolder="scheduler"))
-        except OSError as e:
-            logger.warning("no scheduler config for %s (%s); using AudioLDM2's DDIM defaults", source, e)
-    return json.loads(resources.files("litefocus").joinpath("configs", "scheduler.json").read_text())
+def initial_latents(shape: tuple[int, ...], rng: np.random.Generator, sampler) -> np.ndarray:
+    """Gaussian noise scaled by the sampler's initial sigma (diffusers' prepare_latents): float32."""
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(sampler.init_noise_sigma)
 
 
 def index_specs(contract) -> dict[str, tuple[int, int, int]]:
@@ -83,69 +139,56 @@ def index_specs(contract) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def draw_step_indices(index_specs: dict[str, tuple[int, int, int]], generator: torch.Generator) -> dict:
-    """One step's LiteFocus global samples: name -> int32 [layers, S], rows drawn layer by layer.
-
-    ``index_specs``: input name -> (layers, S, N). With one LiteFocus level this is the order in which
-    the PyTorch processors draw their own samples; every backend gets these same indices.
-    """
-    out = {}
-    for name, (layers, s, n) in index_specs.items():
-        out[name] = torch.stack([draw_global_indices(generator, n, s) for _ in range(layers)]).to(torch.int32)
-    return out
+def draw_step_indices(specs: dict[str, tuple[int, int, int]], rng: np.random.Generator) -> dict:
+    """One step's LiteFocus global samples: name -> int32 [layers, S], S distinct tokens of N per row."""
+    return {
+        name: np.stack([rng.permutation(n)[:s] for _ in range(layers)]).astype(np.int32)
+        for name, (layers, s, n) in specs.items()
+    }
 
 
-def denoise_step(
-    unet: Callable[[dict], torch.Tensor],
-    scheduler,
-    latents: torch.Tensor,
-    t: torch.Tensor,
-    cond: Conditioning,
-    guidance_scale: float,
-    indices: dict,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """x_t -> x_{t-1}: one (CFG-batched) UNet call, guidance, scheduler step.
+class UNetCall:
+    """One request's UNet calls on ``backend``: conditioning placed once, then per step
+    ``(sample, timestep, indices) -> noise_pred`` (float32). IO binding where the backend has it."""
 
-    The conditioning batch is a multiple of the latent batch (2x with guidance: [uncond, cond]).
-    """
-    guided = guidance_scale > 1.0
-    model_in = torch.cat([latents] * (cond.batch // latents.shape[0]))  # [B, 8, T, 16]
-    model_in = scheduler.scale_model_input(model_in, t)
-    noise = unet(
-        {
-            "sample": model_in.to(dtype),
-            "timestep": t.reshape(1).to(torch.float32),
-            "encoder_hidden_states": cond.gpt2.to(dtype),
-            "encoder_hidden_states_1": cond.t5.to(dtype),
-            "encoder_attention_mask_1": cond.t5_mask.to(torch.int32),
-            **indices,
+    def __init__(self, backend, cond: Conditioning):
+        fixed = {
+            "encoder_hidden_states": cond.gpt2,
+            "encoder_hidden_states_1": cond.t5,
+            "encoder_attention_mask_1": cond.t5_mask,
         }
-    ).to(torch.float32)
-    if guided:
-        uncond, text = noise.chunk(2)
-        noise = uncond + guidance_scale * (text - uncond)
+        bind = getattr(backend, "bind", None)
+        self._binding = bind() if bind is not None else None
+        if self._binding is not None:
+            for name, value in fixed.items():
+                self._binding.set(name, value)
+            self._fixed = {}
+        else:
+            self._backend, self._fixed = backend, fixed
+
+    def __call__(self, sample: np.ndarray, timestep: int, indices: dict) -> np.ndarray:
+        step = {"sample": sample, "timestep": np.array([timestep], np.float32), **indices}
+        if self._binding is not None:
+            return self._binding(step)
+        return self._backend({**self._fixed, **step})
+
+
+def denoise_step(unet: UNetCall, sampler, index: int, latents, cond_batch: int, guidance_scale, indices):
+    """x_t -> x_{t-1}: one (CFG-batched) UNet call, guidance, sampler step. latents: [B, 8, T, 16]."""
+    t = int(sampler.timesteps[index])
+    model_in = np.concatenate([latents] * (cond_batch // latents.shape[0]))  # [cond_batch, 8, T, 16]
+    noise = unet(sampler.scale_model_input(model_in, index), t, indices)
+    if guidance_scale > 1.0:
+        uncond, text = np.split(noise, 2)
+        noise = uncond + np.float32(guidance_scale) * (text - uncond)
     else:
         noise = noise[: latents.shape[0]]
-    return scheduler.step(noise, t, latents).prev_sample
+    return sampler.step(noise, index, latents)
 
 
-def denoise(
-    unet,
-    scheduler,
-    latents,
-    cond,
-    *,
-    steps,
-    guidance_scale,
-    index_specs,
-    generator,
-    dtype=torch.float32,
-    progress=True,
-) -> torch.Tensor:
-    """The whole loop; LiteFocus indices are drawn per step from ``generator`` (after the noise)."""
-    scheduler.set_timesteps(steps)
-    for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress, leave=False):
-        indices = draw_step_indices(index_specs, generator)
-        latents = denoise_step(unet, scheduler, latents, t, cond, guidance_scale, indices, dtype)
+def denoise(unet, sampler, latents, cond_batch, *, guidance_scale, index_specs, rng, progress=True):
+    """The whole loop; LiteFocus indices are drawn per step from ``rng`` (after the noise)."""
+    for i in tqdm(range(len(sampler.timesteps)), desc="denoise", disable=not progress, leave=False):
+        indices = draw_step_indices(index_specs, rng)
+        latents = denoise_step(unet, sampler, i, latents, cond_batch, guidance_scale, indices)
     return latents

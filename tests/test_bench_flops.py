@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from litefocus import LiteFocusConfig
 from litefocus.bench.flops import unet_step_flops
 from litefocus.buckets import Bucket
-from litefocus.install import install
+from litefocus.installer import install
 from litefocus.models import random_unet
 from tiny_models import make_tiny_unet, tiny_unet_inputs
 

@@ -7,7 +7,7 @@ import torch
 
 import litefocus
 from litefocus import LiteFocusConfig
-from litefocus.install import draw_global_indices, self_attention_freq_bins
+from litefocus.installer import draw_global_indices, self_attention_freq_bins
 from litefocus.models import random_unet
 from tiny_models import make_tiny_unet, tiny_unet_inputs
 

@@ -59,7 +59,11 @@ def runtime_on(engines_on):
         yield rt
 
 
-def diffusers_audio(pipe_dir, seed, steps, scheduler=None):
+def initial_latents(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, 8, 16, 16), dtype=np.float32)  # [1, 8, T, F]
+
+
+def diffusers_audio(pipe_dir, latents, steps, scheduler=None, negative_prompt=None):
     from diffusers import AudioLDM2Pipeline
 
     pipe = AudioLDM2Pipeline.from_pretrained(pipe_dir)
@@ -70,38 +74,86 @@ def diffusers_audio(pipe_dir, seed, steps, scheduler=None):
         warnings.simplefilter("ignore")
         out = pipe(
             PROMPT,
+            negative_prompt=negative_prompt,
             num_inference_steps=steps,
             audio_length_in_s=SECONDS,
-            generator=torch.Generator().manual_seed(seed),
+            latents=torch.from_numpy(latents),
         )
     return out.audios[0]
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
-def test_litefocus_off_matches_diffusers_pipeline(pipe_dir, engines_off, backend):
-    want = diffusers_audio(pipe_dir, seed=0, steps=3)
-    with Runtime.load(engines_off, backend=backend) as rt:
-        audio = rt.generate(PROMPT, SECONDS, seed=0, **FAST)
+@pytest.mark.parametrize(
+    "scheduler, steps, negative",
+    [("ddim", 3, None), ("dpm++", 4, None), ("ddim", 2, "a loud cat meows in the rain at night")],
+)
+def test_torch_free_runtime_matches_diffusers_pipeline(pipe_dir, engines_off, scheduler, steps, negative):
+    """LiteFocus off: same prompt and initial latents -> diffusers' AudioLDM2Pipeline's waveform."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    latents = initial_latents(steps)
+    want = diffusers_audio(
+        pipe_dir, latents, steps, DPMSolverMultistepScheduler if scheduler == "dpm++" else None, negative
+    )
+    opts = {"steps": steps, "scheduler": scheduler, "negative_prompt": negative, "progress": False}
+    with Runtime.load(engines_off) as rt:
+        audio = rt.generate(PROMPT, SECONDS, latents=latents, **opts)
+        other = rt.generate(PROMPT, SECONDS, latents=initial_latents(99), **opts)
     assert audio.waveform.shape == want.shape == (int(SECONDS * 16000),)
     assert np.abs(want).max() > 1e-3
     assert np.abs(audio.waveform - want).max() <= 1e-4
+    assert np.abs(other.waveform - want).max() > 1e-3  # the comparison can fail: other latents, other audio
 
 
-def test_dpm_scheduler_matches_diffusers(pipe_dir, engines_off):
-    from diffusers import DPMSolverMultistepScheduler
+def torch_reference(pipe_dir, engines, name):
+    """The PyTorch reference of an entry (LiteFocus processors + UNetExportModule, DecodeModule),
+    as the runtime's backends: the twin of the exported graphs."""
+    import litefocus
+    from litefocus.engine.backends import TorchBackend
+    from litefocus.export.decode import DecodeModule
+    from litefocus.export.onnx_export import UNetExportModule
+    from litefocus.models import load_components
+    from litefocus.runtime.runtime import OpenEntry
 
-    want = diffusers_audio(pipe_dir, seed=1, steps=4, scheduler=DPMSolverMultistepScheduler)
-    with Runtime.load(engines_off, backend="torch") as rt:
-        audio = rt.generate(PROMPT, SECONDS, seed=1, steps=4, scheduler="dpm++", progress=False)
-    assert np.abs(audio.waveform - want).max() <= 1e-4
+    with Runtime.load(engines) as rt:
+        _, _, unet_c, decode_c = rt.open_entry(name)
+        config = rt.config
+    unet, vae, vocoder = load_components(str(pipe_dir))
+    handle = litefocus.install(unet, config) if config is not None else None
+    return OpenEntry(
+        TorchBackend(UNetExportModule(unet, unet_c, handle), unet_c),
+        TorchBackend(DecodeModule.for_contract(vae, vocoder, decode_c), decode_c),
+        unet_c,
+        decode_c,
+    )
 
 
-def test_onnxruntime_matches_torch_with_litefocus(engines_on, runtime_on):
-    with Runtime.load(engines_on, backend="torch") as rt:
-        want = rt.generate(PROMPT, SECONDS, seed=5, **FAST).waveform
-    got = runtime_on.generate(PROMPT, SECONDS, seed=5, **FAST).waveform
+def test_onnxruntime_matches_torch_with_litefocus(pipe_dir, engines_on, runtime_on):
+    from litefocus.runtime import GenerateOptions
+    from litefocus.runtime.runtime import generate_audio
+
+    name = runtime_on.bucket_for(SECONDS)
+    options = GenerateOptions(steps=3, seed=5)
+    cond = runtime_on.text_encoder()(PROMPT, None, guided=True)
+    ref = torch_reference(pipe_dir, engines_on, name)
+    want = generate_audio(ref, cond, SECONDS, options, runtime_on.schedule, progress=False).waveform
+    got = runtime_on.generate(PROMPT, SECONDS, options, progress=False).waveform
     assert np.abs(want).max() > 1e-3
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_io_binding_loop_equals_the_plain_calls(runtime_on):
+    """The runtime's IO-binding path (what a GPU runs) against plain session.run calls, bit for bit."""
+    from litefocus.runtime import GenerateOptions
+    from litefocus.runtime.runtime import OpenEntry, generate_audio
+
+    name = runtime_on.bucket_for(SECONDS)
+    unet, decode, unet_c, decode_c = runtime_on.open_entry(name)
+    plain = OpenEntry(lambda inputs: unet(inputs), decode, unet_c, decode_c)  # no .bind: plain run()
+    cond = runtime_on.text_encoder()(PROMPT, None, guided=True)
+    options = GenerateOptions(steps=3, seed=6)
+    a = generate_audio(runtime_on.open_entry(name), cond, SECONDS, options, runtime_on.schedule, progress=False)
+    b = generate_audio(plain, cond, SECONDS, options, runtime_on.schedule, progress=False)
+    assert np.abs(a.waveform).max() > 1e-3 and np.array_equal(a.waveform, b.waveform)
 
 
 def test_litefocus_changes_the_audio(engines_on, engines_off, runtime_on):
@@ -118,6 +170,11 @@ def test_seeds(runtime_on):
     assert np.abs(a.waveform - c.waveform).max() > 1e-4
     assert a.bucket == "0p64s-fp32" and a.sample_rate == 16000 and a.waveform.dtype == np.float32
     assert set(a.timings) >= {"conditioning", "denoise", "decode"}
+    assert a.seed == 7
+    drawn = runtime_on.generate(PROMPT, SECONDS, **FAST)  # no seed: one is drawn and returned
+    assert isinstance(drawn.seed, int) and 0 <= drawn.seed < 2**63
+    again = runtime_on.generate(PROMPT, SECONDS, seed=drawn.seed, **FAST)
+    assert np.array_equal(drawn.waveform, again.waveform)
 
 
 def test_crops_to_exact_length_on_a_longer_bucket(runtime_on):
@@ -126,10 +183,9 @@ def test_crops_to_exact_length_on_a_longer_bucket(runtime_on):
     assert audio.waveform.shape == (112000,)
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_threads_get_the_audio_they_would_get_alone(engines_on, backend):
-    """Requests on two buckets at once: the torch backend shares one UNet + LiteFocus handle."""
-    rt = Runtime.load(engines_on, backend=backend)
+def test_threads_get_the_audio_they_would_get_alone(engines_on):
+    """Requests on two buckets at once, three threads: each gets what it would get alone."""
+    rt = Runtime.load(engines_on)
     jobs = [(s, SECONDS if s % 2 else 1.0) for s in (11, 12, 13, 14, 15, 16)]
     alone = {s: rt.generate(PROMPT, sec, seed=s, steps=2, progress=False).waveform for s, sec in jobs}
     got, errors = {}, []
@@ -184,6 +240,10 @@ def test_long_prompt_is_truncated_with_a_warning(runtime_on, caplog):
         ({"guidance_scale": 0.5}, "guidance_scale must be a number >= 1"),
         ({"guidance_scale": float("nan")}, "guidance_scale must be a number >= 1"),
         ({"scheduler": "euler"}, "unknown scheduler 'euler'"),
+        ({"seed": -1}, r"seed must be an int in \[0, 2\*\*63\)"),
+        ({"latents": np.zeros((1, 8, 24, 16), np.float32)}, r"latents have shape \[1, 8, 24, 16\]; bucket"),
+        ({"latents": np.full((1, 8, 16, 16), np.nan, np.float32)}, "latents contain NaN"),
+        ({"stepz": 3}, "unknown option.*stepz.*GenerateOptions has steps"),
     ],
 )
 def test_bad_generate_arguments(runtime_on, kwargs, match):
@@ -227,6 +287,7 @@ def test_random_weight_engines_have_no_text_encoders(engines_on, tmp_path):
     shutil.copytree(engines_on, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["model"]["source"] = "random:audioldm2:0"
+    del manifest["text"]  # what a --random-weights export writes: no text engine
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with Runtime.load(copy) as rt, pytest.raises(ValueError, match="generate_from_conditioning"):
         rt.generate(PROMPT, SECONDS, seed=0, **FAST)
@@ -268,7 +329,7 @@ def test_generate_cli_bad_output_path(engines_on, tmp_path, capsys, where, match
 
 
 def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_path):
-    from litefocus.export.tensorrt_build import TensorRTNotInstalled
+    from litefocus.engine.tensorrt_backend import TensorRTNotInstalled
 
     monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
     with pytest.raises(TensorRTNotInstalled, match="pip install"):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from litefocus import fileio
 from litefocus.buckets import Bucket
+from litefocus.engine import fileio
 from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.export import tensorrt_build as tb
 from litefocus.export.tensorrt_build import (
@@ -382,7 +382,7 @@ def test_fake_build_overwrites_atomically(monkeypatch, tmp_path, onnx_file):
     out.write_bytes(b"old engine")
     install_fake(monkeypatch, UNET, engine=b"new")
     replaced = []
-    real_replace = fileio.os.replace  # engines are written through litefocus.fileio
+    real_replace = fileio.os.replace  # engines are written through litefocus.engine.fileio
     monkeypatch.setattr(
         fileio.os, "replace", lambda src, dst: (replaced.append((src, dst)), real_replace(src, dst))
     )

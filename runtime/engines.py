@@ -1,0 +1,128 @@
+"""Opening one engine-directory entry: its contracts (rebuilt from the manifest and compared) and
+its UNet and decode backends (ONNX Runtime, or TensorRT where it has engines for this machine)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+from litefocus.engine import manifest as mf
+from litefocus.engine.backends import OnnxRuntimeBackend
+from litefocus.engine.contract import Bucket, DecodeContract, LiteFocusConfig, UNetContract, index_input_name
+
+logger = logging.getLogger(__name__)
+
+
+class OpenEntry(NamedTuple):
+    """One bucket's engines, opened once per Runtime: (unet, decode, unet contract, decode contract)."""
+
+    unet: object  # backend: inputs -> noise_pred
+    decode: object  # backend: {"latent": ...} -> waveform
+    unet_contract: UNetContract
+    decode_contract: DecodeContract
+
+    def close(self) -> None:
+        self.unet.close()
+        self.decode.close()
+
+
+def contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
+    """Rebuild the entry's contracts and check them against what the manifest recorded."""
+    try:
+        return _rebuild_contracts(entry, config)
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        if isinstance(e, mf.ManifestError):
+            raise
+        raise mf.ManifestError(
+            f"the manifest's contracts are not this litefocus version's ({type(e).__name__}: {str(e)[:120]}); "
+            "re-export with litefocus-export --force"
+        ) from None
+
+
+def _rebuild_contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
+    b = entry["bucket"]
+    bucket = Bucket(seconds=b["seconds"], frames=b["frames"])
+    u = entry["modules"]["unet"]["contract"]
+    shapes = {s["name"]: s["shape"] for s in u["inputs"]}
+    levels = tuple(
+        (f, shapes[index_input_name(f)][0])
+        for f in (config.freq_bins if config else ())
+        if index_input_name(f) in shapes
+    )
+    unet = UNetContract(
+        bucket,
+        batch=u["batch"],
+        text_len=u["text_len"],
+        gpt2_dim=shapes["encoder_hidden_states"][2],
+        t5_dim=shapes["encoder_hidden_states_1"][2],
+        precision=u["precision"],
+        litefocus=config,
+        index_levels=levels,
+    )
+    d = entry["modules"]["decode"]["contract"]
+    decode = DecodeContract(bucket, batch=d["batch"], precision=d["precision"])
+    if unet.to_dict() != u or decode.to_dict() != d:
+        raise mf.ManifestError(
+            "the manifest's contracts do not match this litefocus version's; re-export with litefocus-export --force"
+        )
+    return unet, decode
+
+
+def resolve_backend(requested: str, name: str, entry: dict, device: tuple[str, int]) -> str:
+    """auto: TensorRT where this entry has engines built for this machine's GPU, else ONNX Runtime.
+    tensorrt: TensorRT (refusing engines of another TensorRT / GPU, saying why); an entry without
+    TensorRT engines runs in ONNX Runtime, with a warning."""
+    if requested == "onnxruntime":
+        return requested
+    from litefocus.engine.tensorrt_backend import check_engine_target, tensorrt_available
+
+    has_plans = all("plan" in entry["modules"][m]["files"] for m in ("unet", "decode"))
+    if has_plans and device[0] == "cuda" and tensorrt_available():
+        if requested == "tensorrt":
+            return "tensorrt"
+        try:
+            check_engine_target(entry["modules"]["unet"]["tensorrt"], device[1])
+            return "tensorrt"
+        except (ValueError, RuntimeError) as e:
+            logger.warning("%s: %s; using ONNX Runtime", name, e)
+    if requested == "tensorrt":
+        logger.warning("%s has no TensorRT engine for this machine: running it in ONNX Runtime", name)
+    return "onnxruntime"
+
+
+def open_entry(engine_dir: Path, name: str, entry: dict, config, requested: str, device: tuple[str, int]):
+    """Verify the entry's files (hashes), rebuild its contracts and open its two backends."""
+    problems = mf.verify_entry(engine_dir, entry)
+    if problems:
+        raise ValueError(
+            f"engine {name} in {engine_dir} failed verification: {'; '.join(problems)}; "
+            "re-export it with litefocus-export --force"
+        )
+    unet_c, decode_c = contracts(entry, config)
+    modules = entry["modules"]
+    device_text = f"{device[0]}:{device[1]}" if device[0] == "cuda" else "cpu"
+    opened = []
+    try:
+        if resolve_backend(requested, name, entry, device) == "tensorrt":
+            from litefocus.engine.tensorrt_backend import TensorRTBackend
+
+            for m, c in (("unet", unet_c), ("decode", decode_c)):
+                path = mf.artifact_path(engine_dir, modules[m]["files"]["plan"]["path"])
+                opened.append(TensorRTBackend(path, c, modules[m]["tensorrt"], device=device_text))
+        else:
+            for m, c in (("unet", unet_c), ("decode", decode_c)):
+                files = modules[m]["files"]
+                opened.append(
+                    OnnxRuntimeBackend(
+                        mf.artifact_path(engine_dir, files["onnx"]["path"]),
+                        c,
+                        device=device_text,
+                        data_path=mf.artifact_path(engine_dir, files["data"]["path"]),
+                    )
+                )
+    except BaseException:
+        for backend in opened:
+            backend.close()
+        raise
+    return OpenEntry(opened[0], opened[1], unet_c, decode_c)
