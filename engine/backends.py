@@ -124,6 +124,37 @@ def check_external_data(onnx_path: Path, data_path: Path | None) -> None:
             )
 
 
+def load_session(onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None):
+    """An ONNX Runtime session of an engine graph on ``device``, after its external-data references
+    are checked against ``data_path`` (an engine directory is untrusted); its inputs must be the
+    contract's. Every failure is one ValueError line naming the fix."""
+    kind, index = parse_device(device)
+    onnx_path = Path(onnx_path)
+    providers = onnxruntime_providers(prefer_cuda=kind == "cuda", device_id=index)
+    if kind == "cuda" and len(providers) == 1:
+        raise ValueError(
+            f"device {device!r}: this onnxruntime has no CUDA execution provider; install onnxruntime-gpu in "
+            "place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu), or use --device cpu"
+        )
+    if data_path is not None:
+        check_external_data(onnx_path, Path(data_path))
+    try:
+        session = open_session(onnx_path, providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"{onnx_path}: ONNX Runtime cannot load this graph ({first}); re-export with litefocus-export --force"
+        ) from None
+    got = [(i.name, tuple(i.shape)) for i in session.get_inputs()]
+    want = [(s.name, tuple(s.shape)) for s in contract.inputs]
+    if got != want:
+        raise ValueError(
+            f"{onnx_path}: graph inputs {got} differ from the manifest's contract {want}; "
+            "re-export with litefocus-export --force"
+        )
+    return session
+
+
 class OnnxRuntimeBackend:
     """An exported graph in ONNX Runtime, on ``device`` ("cpu" or "cuda[:N]", the CUDA EP of
     onnxruntime-gpu). Calls are thread-safe.
@@ -136,28 +167,7 @@ class OnnxRuntimeBackend:
     def __init__(self, onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None):
         self.contract = contract
         self.device = parse_device(device)
-        onnx_path = Path(onnx_path)
-        providers = onnxruntime_providers(prefer_cuda=self.device[0] == "cuda", device_id=self.device[1])
-        if self.device[0] == "cuda" and len(providers) == 1:
-            raise ValueError(
-                f"device {device!r}: this onnxruntime has no CUDA execution provider; install onnxruntime-gpu "
-                "in place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu), or use --device cpu"
-            )
-        if data_path is not None:
-            check_external_data(onnx_path, Path(data_path))
-        try:
-            self.session = open_session(onnx_path, providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(
-                f"{onnx_path}: ONNX Runtime cannot load this graph ({first}); re-export with litefocus-export --force"
-            ) from None
-        got = [(i.name, tuple(i.shape)) for i in self.session.get_inputs()]
-        want = [(s.name, tuple(s.shape)) for s in contract.inputs]
-        if got != want:
-            raise ValueError(
-                f"{onnx_path}: graph inputs {got} differ from the manifest's contract {want}; re-export"
-            )
+        self.session = load_session(onnx_path, contract, device, data_path)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         feeds = {

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from litefocus.engine import manifest as mf
-from litefocus.engine.backends import check_external_data, onnxruntime_providers, open_session, parse_device
+from litefocus.engine.backends import load_session
 from litefocus.engine.contract import ConditioningContract
 from litefocus.runtime.sampling import Conditioning
 
 logger = logging.getLogger(__name__)
-FIX = "re-export with litefocus-export --force"
+FIX = mf.FIX
 
 
 class TextEncoder:
@@ -65,20 +65,7 @@ class TextEncoder:
         for tok in (self._clap, self._t5):
             tok.no_padding()
             tok.no_truncation()
-        kind, index = parse_device(device)
-        providers = onnxruntime_providers(prefer_cuda=kind == "cuda", device_id=index)
-        check_external_data(Path(onnx_path), Path(data_path))
-        try:
-            self._session = open_session(Path(onnx_path), providers)
-        except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ValueError(f"{onnx_path}: ONNX Runtime cannot load this graph ({first}); {FIX}") from None
-        got = [(i.name, tuple(i.shape)) for i in self._session.get_inputs()]
-        want = [(s.name, tuple(s.shape)) for s in contract.inputs]
-        if got != want:
-            raise ValueError(
-                f"{onnx_path}: graph inputs {got} differ from the manifest's contract {want}; {FIX}"
-            )
+        self._session = load_session(onnx_path, contract, device, data_path)
         self._lock = threading.Lock()
 
     @classmethod
