@@ -75,10 +75,14 @@ def resolve_backend(requested: str, name: str, entry: dict, device: tuple[str, i
     TensorRT engines runs in ONNX Runtime, with a warning."""
     if requested == "onnxruntime":
         return requested
+    from litefocus.engine.cuda_runtime import cuda_python_available
     from litefocus.engine.tensorrt_backend import check_engine_target, tensorrt_available
 
     has_plans = all("plan" in entry["modules"][m]["files"] for m in ("unet", "decode"))
-    if has_plans and device[0] == "cuda" and tensorrt_available():
+    runnable = (
+        requested == "tensorrt" or cuda_python_available()
+    )  # tensorrt: TensorRTBackend names what is missing
+    if has_plans and device[0] == "cuda" and runnable and tensorrt_available():
         if requested == "tensorrt":
             return "tensorrt"
         try:
