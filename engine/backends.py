@@ -170,6 +170,8 @@ class OnnxRuntimeBackend:
         self.session = load_session(onnx_path, contract, device, data_path)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError("OnnxRuntimeBackend is closed")
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }

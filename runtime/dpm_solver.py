@@ -22,6 +22,11 @@ class DPMSolverPP2M:
     def __init__(self, schedule: NoiseSchedule, steps: int):
         self.schedule, self.steps = schedule, schedule.check_steps(steps)
         self.timesteps = dpm_timesteps(schedule, steps)
+        if len(np.unique(self.timesteps)) != steps:  # a zero step size: the solver would divide by 0
+            raise ValueError(
+                f"steps = {steps} repeats timesteps in DPM-Solver++ ({schedule.num_train_timesteps} training "
+                "steps); use fewer steps"
+            )
         ac = schedule.alphas_cumprod()
         all_sigmas = np.sqrt((1 - ac) / ac)  # float32
         sigmas = np.interp(self.timesteps, np.arange(len(all_sigmas)), all_sigmas)

@@ -25,7 +25,7 @@ from litefocus.engine import manifest as mf
 from litefocus.engine.backends import RUNTIME_BACKENDS, parse_device
 from litefocus.engine.contract import MAX_SECONDS, SAMPLE_RATE, Bucket, LiteFocusConfig
 from litefocus.runtime.audio import Audio
-from litefocus.runtime.engines import OpenEntry, open_entry, resolve_backend
+from litefocus.runtime.engines import OpenEntry, open_entry
 from litefocus.runtime.noise_schedule import NoiseSchedule
 from litefocus.runtime.sampling import (
     Conditioning,
@@ -129,20 +129,11 @@ class Runtime:
                 )
             return self._open[name]
 
-    def _resolve_backend(self, name: str, entry: dict) -> str:
-        return resolve_backend(self.backend, name, entry, self.device)
-
     # ---- generation --------------------------------------------------------------------------
     def text_encoder(self):
         """The engine directory's text-conditioning engine and tokenizers (opened once)."""
         with self._lock:
             if self._text is None:
-                if self.manifest.get("text") is None:
-                    raise ValueError(
-                        f"{self.engine_dir} has no text-conditioning engine (exported with random weights, "
-                        f"source {self.manifest['model']['source']}); use Runtime.generate_from_conditioning, "
-                        "or export from a real model (litefocus-export --model ...)"
-                    )
                 from litefocus.runtime.text import TextEncoder
 
                 device = f"cuda:{self.device[1]}" if self.device[0] == "cuda" else "cpu"

@@ -28,7 +28,7 @@ SEED_LIMIT = 2**63
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    """How to sample one request; checked once, here. ``latents``: the initial noise [1, 8, T, 16]
+    """How to sample one request; checked once, here. ``latents``: the initial noise [B, 8, T, 16]
     (diffusers' ``latents=``; scaled by the sampler's initial sigma), else drawn from ``seed``."""
 
     steps: int = 200
@@ -54,11 +54,16 @@ class GenerateOptions:
             raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {self.negative_prompt!r}")
+        if self.negative_prompt is not None and not g > 1:
+            raise ValueError(
+                f"negative_prompt {self.negative_prompt[:40]!r} has no effect at guidance_scale {g}: "
+                "use guidance_scale > 1, or drop the negative prompt"
+            )
         if self.latents is not None:
             x = np.asarray(self.latents)
-            if x.ndim != 4 or x.shape[0] != 1 or not np.issubdtype(x.dtype, np.floating):
+            if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating):
                 raise ValueError(
-                    f"latents must be a float array [1, 8, T, 16], got {x.dtype} {list(x.shape)}"
+                    f"latents must be a float array [B, 8, T, 16], got {x.dtype} {list(x.shape)}"
                 )
             if not np.isfinite(x).all():
                 raise ValueError("latents contain NaN or infinity")

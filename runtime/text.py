@@ -77,8 +77,9 @@ class TextEncoder:
         text = manifest.get("text")
         if text is None:
             raise ValueError(
-                f"{engine_dir} has no text-conditioning engine (engines exported with --random-weights have none); "
-                "pass precomputed conditioning, or export from a real model (litefocus-export --model ...)"
+                f"{engine_dir} has no text-conditioning engine (model source {manifest['model']['source']}; "
+                "exports with --random-weights or --no-text, or from a model without text encoders, have none); "
+                "use Runtime.generate_from_conditioning, or export from a real model (litefocus-export --model ...)"
             )
         problems = mf.verify_text(engine_dir, manifest)
         if problems:

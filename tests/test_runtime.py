@@ -151,7 +151,9 @@ def test_io_binding_loop_equals_the_plain_calls(runtime_on):
     plain = OpenEntry(lambda inputs: unet(inputs), decode, unet_c, decode_c)  # no .bind: plain run()
     cond = runtime_on.text_encoder()(PROMPT, None, guided=True)
     options = GenerateOptions(steps=3, seed=6)
-    a = generate_audio(runtime_on.open_entry(name), cond, SECONDS, options, runtime_on.schedule, progress=False)
+    a = generate_audio(
+        runtime_on.open_entry(name), cond, SECONDS, options, runtime_on.schedule, progress=False
+    )
     b = generate_audio(plain, cond, SECONDS, options, runtime_on.schedule, progress=False)
     assert np.abs(a.waveform).max() > 1e-3 and np.array_equal(a.waveform, b.waveform)
 
@@ -244,6 +246,11 @@ def test_long_prompt_is_truncated_with_a_warning(runtime_on, caplog):
         ({"latents": np.zeros((1, 8, 24, 16), np.float32)}, r"latents have shape \[1, 8, 24, 16\]; bucket"),
         ({"latents": np.full((1, 8, 16, 16), np.nan, np.float32)}, "latents contain NaN"),
         ({"stepz": 3}, "unknown option.*stepz.*GenerateOptions has steps"),
+        (
+            {"negative_prompt": "a cat", "guidance_scale": 1.0},
+            "negative_prompt 'a cat' has no effect at guidance_scale 1",
+        ),
+        ({"scheduler": "dpm++", "steps": 1000}, "steps = 1000 repeats timesteps in DPM-Solver"),
     ],
 )
 def test_bad_generate_arguments(runtime_on, kwargs, match):
@@ -341,7 +348,9 @@ def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_
 def test_auto_backend_uses_onnxruntime_without_tensorrt_engines(engines_on):
     with Runtime.load(engines_on) as rt:
         name = rt.bucket_for(SECONDS)
-        assert rt._resolve_backend(name, rt.entries[name]) == "onnxruntime"
+        from litefocus.runtime.engines import resolve_backend
+
+        assert resolve_backend(rt.backend, name, rt.entries[name], rt.device) == "onnxruntime"
 
 
 def test_open_entry_by_name(runtime_on):
