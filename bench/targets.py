@@ -119,19 +119,17 @@ class Target:
         the runtime's per-step path (IO binding on ONNX Runtime: conditioning bound once, the
         latents copied in and the noise prediction copied out every call)."""
         if self.module is None:
+            from litefocus.runtime.sampling import Conditioning, UNetCall
+
             feeds = {k: v.numpy() for k, v in inputs.items()}
-            if hasattr(self.unet, "bind"):
-                binding = self.unet.bind()
-                for name, value in feeds.items():
-                    binding.set(name, value)
-
-                def bound():
-                    binding.set("sample", feeds["sample"])
-                    binding.run()
-                    return torch.from_numpy(binding.output())
-
-                return bound
-            return lambda: torch.from_numpy(self.unet(feeds))
+            cond = Conditioning(
+                *(feeds[k] for k in ("encoder_hidden_states", "encoder_hidden_states_1")),
+                feeds["encoder_attention_mask_1"],
+            )
+            call = UNetCall(self.unet, cond)  # exactly the runtime's step: IO binding where there is one
+            indices = {k: v for k, v in feeds.items() if k.startswith("litefocus_indices")}
+            t = int(feeds["timestep"][0])
+            return lambda: torch.from_numpy(call(feeds["sample"], t, indices))
         device = next(self.module.parameters()).device
         args = [inputs[name].to(device) for name in self.contract.input_names]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import shutil
@@ -170,6 +171,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+@functools.cache
 def code_sha256() -> str:
     """SHA-256 of litefocus's own Python sources: a changed exporter invalidates cached artifacts."""
     import litefocus

@@ -159,9 +159,10 @@ class TextEncoder:
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, guided: bool = True) -> Conditioning:
         feeds = self.tokenize(prompt, negative_prompt)
-        if self._session is None:
+        session = self._session  # one read: close() may run meanwhile
+        if session is None:
             raise RuntimeError("TextEncoder is closed")
-        gpt2, t5 = self._session.run(self.contract.output_names, feeds)
+        gpt2, t5 = session.run(self.contract.output_names, feeds)
         mask = feeds["t5_attention_mask"].astype(np.int32)
         rows = slice(None) if guided else slice(1, 2)
         return Conditioning(gpt2=gpt2[rows], t5=t5[rows], t5_mask=mask[rows])
