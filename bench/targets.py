@@ -205,7 +205,8 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
 
 def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``, then open it."""
-    from litefocus.export.pipeline import ExportOptions, entry_name, export_engines
+    from litefocus.engine.manifest import entry_name
+    from litefocus.export.pipeline import ExportOptions, export_engines
     from litefocus.models import parse_random_source
     from litefocus.runtime import Runtime
 
@@ -220,7 +221,7 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         weights_seed=weights_seed,
         backend="tensorrt" if backend == "tensorrt" else "onnx",
         precision=spec.precision,
-        batch=spec.batch,
+        batches=(spec.batch,),
         text_len=spec.text_len,
         litefocus=spec.litefocus,
         quiet=spec.quiet,
@@ -228,7 +229,7 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     )
     export_engines(opts)
     runtime = Runtime.load(spec.engines, backend=backend, device=str(spec.device))
-    name = entry_name(bucket, spec.precision)  # exactly this bucket and precision
+    name = entry_name(bucket, spec.precision, spec.batch)  # exactly this bucket, precision and batch
     try:
         unet, decode, contract, decode_contract = runtime.open_entry(name)
         got = (contract.bucket.frames, contract.precision, contract.batch, contract.text_len)

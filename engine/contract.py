@@ -94,6 +94,8 @@ class _Contract:
 class UNetContract(_Contract):
     """One UNet call for one bucket: noise_pred = unet(sample, timestep, conditioning[, indices]).
 
+    Every row is independent: its own timestep [B] and, per LiteFocus level, its own global samples
+    [B, layers, S], so requests at different steps batch into one call (step-level batching).
     ``index_levels``: (freq_bins, layers) for each LiteFocus level whose global sample is an engine
     input (``index_mode="resample"``); empty when LiteFocus is off or its samples are baked in.
     """
@@ -126,14 +128,14 @@ class UNetContract(_Contract):
         b, f = self.batch, self.float_dtype
         specs = [
             TensorSpec("sample", (b, *self.bucket.latent_shape), f),
-            TensorSpec("timestep", (1,), "float32"),
+            TensorSpec("timestep", (b,), "float32"),
             TensorSpec("encoder_hidden_states", (b, GPT2_TOKENS, self.gpt2_dim), f),
             TensorSpec("encoder_hidden_states_1", (b, self.text_len, self.t5_dim), f),
             TensorSpec("encoder_attention_mask_1", (b, self.text_len), "int32"),
         ]
         for freq_bins, layers in self.index_levels:
             s = self.bucket.num_global(self.litefocus, freq_bins)
-            specs.append(TensorSpec(index_input_name(freq_bins), (layers, s), "int32"))
+            specs.append(TensorSpec(index_input_name(freq_bins), (b, layers, s), "int32"))
         return tuple(specs)
 
     @property
@@ -154,10 +156,10 @@ class UNetContract(_Contract):
                 mask = torch.arange(self.text_len)[None, :] < lengths[:, None]
                 out[spec.name] = mask.to(torch.int32)
             elif spec.name.startswith("litefocus_indices"):
-                layers, s = spec.shape
+                b, layers, s = spec.shape
                 n = self.bucket.tokens(int(spec.name.rsplit("_f", 1)[1]))
-                rows = [torch.randperm(n, generator=g)[:s] for _ in range(layers)]
-                out[spec.name] = torch.stack(rows).to(torch.int32)
+                rows = [torch.randperm(n, generator=g)[:s] for _ in range(b * layers)]
+                out[spec.name] = torch.stack(rows).reshape(b, layers, s).to(torch.int32)
             else:
                 out[spec.name] = torch.randn(spec.shape, generator=g).to(spec.torch_dtype)
         return out

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from litefocus.engine.fileio import atomic_path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = (
+    2  # 2: per-row timestep [B] and LiteFocus samples [B, layers, S]; several batch sizes per bucket
+)
 MANIFEST = "manifest.json"
 KIND = "litefocus-engines"
 
@@ -156,6 +158,11 @@ def parse_manifest(path: Path) -> dict:
     return manifest
 
 
+def entry_name(bucket, precision: str, batch: int = 2) -> str:
+    """An entry's folder and key: ``10s-fp32`` for batch 2 (one guided request), ``10s-fp32-b8`` else."""
+    return f"{bucket.name}-{precision}" + ("" if batch == 2 else f"-b{batch}")
+
+
 def check_entry(path: Path, name: str, entry: dict) -> None:
     """Cross-check an entry's redundant numbers: every length follows from ``frames``."""
     from litefocus.buckets import Bucket
@@ -175,10 +182,11 @@ def check_entry(path: Path, name: str, entry: dict) -> None:
         raise ManifestError(
             f"{where}.bucket.samples = {b['samples']} disagrees with frames = {b['frames']}; {FIX}"
         )
-    if name != f"{bucket.name}-{entry['precision']}":
+    batch = entry["modules"]["unet"]["contract"]["batch"]
+    if name != entry_name(bucket, entry["precision"], batch):
         raise ManifestError(
-            f"{where}: the entry name disagrees with its bucket ({bucket.name}) and precision "
-            f"({entry['precision']}); {FIX}"
+            f"{where}: the entry name disagrees with its bucket ({bucket.name}), precision "
+            f"({entry['precision']}) and batch ({_short(batch)}); {FIX}"
         )
     for module, rec in entry["modules"].items():
         if rec["contract"]["module"] != module or rec["contract"]["precision"] != entry["precision"]:

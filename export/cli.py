@@ -20,6 +20,8 @@ from litefocus.buckets import MAX_SECONDS, check_seconds
 from litefocus.config import LiteFocusConfig
 from litefocus.models import PRESETS
 
+MAX_BATCH = 64  # UNet rows per call (32 guided requests): far past what one step holds at audio lengths
+
 logger = logging.getLogger("litefocus.export")
 
 
@@ -71,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default: {'fp16 (a GPU is present)' if gpu else 'fp32 (no GPU)'}",
     )
     p.add_argument(
-        "--batch", type=int, default=2, help="UNet batch; 2 = one prompt with classifier-free guidance"
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="UNet batch size(s), one engine each (default 2: one request with classifier-free guidance). "
+        "Serving batches requests per denoising step into the smallest that holds them: a guided request "
+        "takes 2 rows, an unguided one 1 (e.g. --batch 2 4 8)",
     )
     p.add_argument("--text-len", type=int, default=128, help="fixed T5 token length of the engine")
     p.add_argument(
@@ -114,13 +122,11 @@ def options_from_args(args: argparse.Namespace):
         raise UsageError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     if args.weights_seed < 0:
         raise UsageError(f"--weights-seed must be >= 0, got {args.weights_seed}")
-    for flag, value in (("--batch", args.batch), ("--text-len", args.text_len)):
-        if value < 1:
-            raise UsageError(f"{flag} must be >= 1, got {value}")
-    if args.batch % 2 and args.batch != 1:
-        raise UsageError(
-            f"--batch {args.batch}: use 1 (no guidance) or an even number (prompts x 2 for guidance)"
-        )
+    for value in args.batch:
+        if not 1 <= value <= MAX_BATCH:
+            raise UsageError(f"--batch {value}: each batch size must be in 1..{MAX_BATCH}")
+    if args.text_len < 1:
+        raise UsageError(f"--text-len must be >= 1, got {args.text_len}")
     config = None
     if not args.no_litefocus:
         try:
@@ -152,7 +158,7 @@ def options_from_args(args: argparse.Namespace):
         weights_seed=args.weights_seed,
         backend=args.backend,
         precision=args.precision,
-        batch=args.batch,
+        batches=tuple(sorted(set(args.batch))),
         text_len=args.text_len,
         litefocus=config,
         force=args.force,

@@ -29,8 +29,9 @@ OPSET = 18
 class UNetExportModule(torch.nn.Module):
     """unet(...) with positional inputs in contract order; LiteFocus indices arrive as inputs.
 
-    Each ``litefocus_indices_f{F}`` input [layers, S] holds one row per patched layer of that level,
-    in the handle's layer order; they are routed to the processors through ``handle.set_indices``.
+    Each ``litefocus_indices_f{F}`` input [B, layers, S] holds, per batch row, one sample per patched
+    layer of that level in the handle's layer order; they are routed to the processors through
+    ``handle.set_indices`` (layer i gets [B, S]), so every row attends with its own sample.
     """
 
     def __init__(self, unet, contract: UNetContract, handle=None):
@@ -59,7 +60,7 @@ class UNetExportModule(torch.nn.Module):
                 if f not in by_level:  # a level whose sample is empty at this bucket (S = 0)
                     rows.append(torch.zeros(0, dtype=torch.int32))
                     continue
-                rows.append(by_level[f][cursor[f]])
+                rows.append(by_level[f][:, cursor[f]])  # [B, S]
                 cursor[f] += 1
             self.handle.set_indices(rows)
         try:

@@ -50,7 +50,7 @@ class ExportOptions:
     weights_seed: int = 0
     backend: str = "onnx"  # resolved: "onnx" or "tensorrt" (see resolve_backend)
     precision: str = "fp32"
-    batch: int = 2
+    batches: tuple[int, ...] = (2,)  # UNet batch sizes, one entry each (2 = one guided request)
     text_len: int = 128
     litefocus: LiteFocusConfig | None = field(default_factory=LiteFocusConfig)
     force: bool = False
@@ -183,13 +183,9 @@ def code_sha256() -> str:
     return mf.json_sha256([[p.parent.name + "/" + p.name, mf.file_sha256(p)] for p in files])
 
 
-def entry_name(bucket: Bucket, precision: str) -> str:
-    return f"{bucket.name}-{precision}"
-
-
-def unet_contract(bucket: Bucket, opts: ExportOptions, unet) -> UNetContract:
+def unet_contract(bucket: Bucket, opts: ExportOptions, unet, batch: int) -> UNetContract:
     return unet_contract_for(
-        unet, bucket, opts.litefocus, batch=opts.batch, text_len=opts.text_len, precision=opts.precision
+        unet, bucket, opts.litefocus, batch=batch, text_len=opts.text_len, precision=opts.precision
     )
 
 
@@ -206,7 +202,7 @@ def attention_expectations(bucket: Bucket, config: LiteFocusConfig | None, layer
     return tuple(out)
 
 
-def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
+def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket, batch: int) -> str:
     """Hash of everything that shapes an entry's artifacts (the contracts follow from these).
 
     TensorRT engines are tied to one TensorRT version and GPU: those join the key when built."""
@@ -226,7 +222,7 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket) -> str:
             "backend": opts.backend,
             "tensorrt_target": target,
             "frames": bucket.frames,
-            "batch": opts.batch,
+            "batch": batch,
             "text_len": opts.text_len,
             "precision": opts.precision,
         }
@@ -422,28 +418,29 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
     buckets = [by_frames[f] for f in sorted(by_frames)]
     rows = []
     stages = STAGES_PER_MODULE * len(MODULES)
-    with tqdm(total=stages * len(buckets), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
-        for bucket in buckets:
-            name = entry_name(bucket, opts.precision)
-            key = cache_key(opts, components.identity, bucket)
+    jobs = [(bucket, batch) for bucket in buckets for batch in sorted(set(opts.batches))]
+    with tqdm(total=stages * len(jobs), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
+        for bucket, batch in jobs:
+            name = mf.entry_name(bucket, opts.precision, batch)
+            key = cache_key(opts, components.identity, bucket, batch)
             old = manifest["entries"].get(name)
             if not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old):
                 logger.info("%s: cached (key %s)", name, key[:12])
                 bar.update(stages)
                 rows.append({"entry": name, "status": "cached", **_summary(old)})
                 continue
-            entry = _build_entry(out, name, bucket, key, opts, components, manifest, bar)
+            entry = _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar)
             rows.append({"entry": name, "status": "built", **_summary(entry)})
     return manifest, rows
 
 
-def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dict:
+def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar) -> dict:
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
     try:
         bar.set_description(f"{name} load")
         unet, handle, _, _ = components.models()
-        contract = unet_contract(bucket, opts, unet)
+        contract = unet_contract(bucket, opts, unet, batch)
         layer_bins = handle.freq_bins if handle else list(self_attention_freq_bins(unet).values())
         bar.set_description(f"{name} unet")
         unet_rec = _module_stages(
@@ -458,7 +455,7 @@ def _build_entry(out, name, bucket, key, opts, components, manifest, bar) -> dic
             bar,
         )
         bar.set_description(f"{name} decode")
-        decode = DecodeContract(bucket, batch=max(1, opts.batch // 2), precision=opts.precision)
+        decode = DecodeContract(bucket, batch=1, precision=opts.precision)  # one request at a time
         decode_rec = _module_stages(
             "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts.backend, bar
         )

@@ -2,7 +2,9 @@
 
 Token n of a [T, F] grid is ``n = t * F + f`` (time-major). Query n attends, in one softmax, to
     * the T keys of its own frequency bin f (same-frequency focusing), and
-    * the S keys ``global_idx`` shared by every query (cross-frequency compensation).
+    * the S keys ``global_idx`` shared by every query (cross-frequency compensation): one sample
+      [S] for the whole batch, or one per batch row [B, S] (requests batched together each keep
+      their own sample).
 
 Static form: fold F into the head axis so the whole layer is ONE dense attention over
 [B, H*F, T + S, D] (reshape -> gather -> expand -> concat -> SDPA -> inverse reshape). No masks and
@@ -34,7 +36,7 @@ def _check_args(
     global_idx: torch.Tensor | None,
     same_frequency: bool,
 ) -> torch.Tensor | None:
-    """Validate the public arguments; return ``global_idx`` as a 1-D tensor on k's device, or None."""
+    """Validate the public arguments; return ``global_idx`` ([S] or [B, S]) on k's device, or None."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -55,12 +57,16 @@ def _check_args(
             "tokens must form a time-major [T, freq_bins] grid"
         )
     if global_idx is not None:
-        if not isinstance(global_idx, torch.Tensor) or global_idx.dim() != 1:
+        ok = isinstance(global_idx, torch.Tensor) and (
+            global_idx.dim() == 1 or (global_idx.dim() == 2 and global_idx.shape[0] == q.shape[0])
+        )
+        if not ok:
             got = (
                 tuple(global_idx.shape) if isinstance(global_idx, torch.Tensor) else type(global_idx).__name__
             )
             raise ValueError(
-                f"litefocus_attention: global_idx must be a 1-D int tensor [S] or None, got {got}"
+                f"litefocus_attention: global_idx must be an int tensor [S] or [B = {q.shape[0]}, S], or None; "
+                f"got {got}"
             )
         if global_idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(
@@ -101,7 +107,7 @@ def focus_attention_grid(
     t = n // fb
     if not same_frequency:
         # Every query shares the same S keys: plain attention, no fold needed.
-        k_g, v_g = k.index_select(2, global_idx), v.index_select(2, global_idx)  # [B, H, S, D]
+        k_g, v_g = select_tokens(k, global_idx), select_tokens(v, global_idx)  # [B, H, S, D]
         out = F.scaled_dot_product_attention(q, k_g, v_g, scale=scale)  # [B, H, N, D]
         return out.view(b, h, t, fb, d)
 
@@ -110,16 +116,24 @@ def focus_attention_grid(
 
     q_f, k_f, v_f = fold(q), fold(k), fold(v)
     if global_idx is not None:
-        s = global_idx.shape[0]
+        s = global_idx.shape[-1]
 
         def shared(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, H*F, S, D]
-            x_g = x.index_select(2, global_idx)  # [B, H, S, D]
+            x_g = select_tokens(x, global_idx)  # [B, H, S, D]
             return x_g.unsqueeze(2).expand(b, h, fb, s, d).reshape(b, h * fb, s, d)
 
         k_f = torch.cat([k_f, shared(k)], dim=2)  # [B, H*F, T+S, D]
         v_f = torch.cat([v_f, shared(v)], dim=2)
     out = F.scaled_dot_product_attention(q_f, k_f, v_f, scale=scale)  # [B, H*F, T, D]
     return out.view(b, h, fb, t, d).transpose(2, 3)  # [B, H, T, F, D] (strided view)
+
+
+def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, N, D], idx: [S] (every row) or [B, S] (per row) -> [B, H, S, D]."""
+    if idx.dim() == 1:
+        return x.index_select(2, idx)
+    b, h, _, d = x.shape
+    return x.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d).to(torch.int64))
 
 
 def litefocus_attention(
@@ -134,8 +148,8 @@ def litefocus_attention(
 ) -> torch.Tensor:
     """LiteFocus attention, static form.
 
-    q, k, v: [B, H, N, D] with token n = t * freq_bins + f; global_idx: int tensor [S] or None
-    (None or empty: no cross-frequency part). Returns [B, H, N, D]: one softmax over
+    q, k, v: [B, H, N, D] with token n = t * freq_bins + f; global_idx: int tensor [S] (shared by
+    the batch) or [B, S] (one sample per row), or None (None or empty: no cross-frequency part). Returns [B, H, N, D]: one softmax over
     concat(same-frequency keys, keys[global_idx]); a key in both sets counts twice.
     ``scale`` defaults to D ** -0.5.
     """
@@ -161,6 +175,14 @@ def reference_litefocus_attention(
     for tests only.
     """
     global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
+    if global_idx is not None and global_idx.dim() == 2:  # one sample per row: row by row
+        kw = {"same_frequency": same_frequency, "scale": scale}
+        return torch.cat(
+            [
+                reference_litefocus_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], freq_bins, idx, **kw)
+                for i, idx in enumerate(global_idx)
+            ]
+        )
     n, d = q.shape[2], q.shape[3]
     scale = d**-0.5 if scale is None else scale
     q64, k64, v64 = q.double(), k.double(), v.double()

@@ -112,8 +112,8 @@ class LiteFocusHandle:
     def set_indices(self, indices: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
         """Use these global indices for every following call, until ``set_indices(None)``.
 
-        ``indices``: int tensor [layers, S] (layer i = ``modules[i]``), or one 1-D tensor per layer
-        (levels with different token counts need different S). S must equal ``num_global(N)`` of the
+        ``indices``: int tensor [layers, S] (layer i = ``modules[i]``), or one tensor per layer, [S]
+        or [B, S] (one sample per batch row; levels with different token counts need different S). S must equal ``num_global(N)`` of the
         layer when it runs. Works with traced tensors, so an export can feed them from an input.
         """
         if indices is None:
@@ -129,10 +129,10 @@ class LiteFocusHandle:
         else:
             rows = list(indices)
             if len(rows) != self.num_layers or not all(
-                isinstance(r, torch.Tensor) and r.dim() == 1 for r in rows
+                isinstance(r, torch.Tensor) and r.dim() in (1, 2) for r in rows
             ):
                 raise ValueError(
-                    f"set_indices: expected {self.num_layers} 1-D int tensors, one per patched layer"
+                    f"set_indices: expected {self.num_layers} int tensors [S] or [B, S], one per patched layer"
                 )
         for r in rows:
             if r.dtype not in (torch.int32, torch.int64):
@@ -162,9 +162,9 @@ class LiteFocusHandle:
             return None
         if self._indices is not None:
             idx = self._indices[layer]
-            if idx.shape[0] != num:
+            if idx.shape[-1] != num:
                 raise ValueError(
-                    f"LiteFocus on {name}: set_indices gave {idx.shape[0]} indices, but this layer sees "
+                    f"LiteFocus on {name}: set_indices gave {idx.shape[-1]} indices, but this layer sees "
                     f"{n_tokens} tokens and needs S = floor({self.config.sparse_ratio} * {n_tokens}) = {num}"
                 )
             if self._indices_max is not None and self._indices_max[layer] >= n_tokens:

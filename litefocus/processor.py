@@ -76,7 +76,7 @@ class LiteFocusAttnProcessor:
         if attn.norm_k is not None:
             k = attn.norm_k(k)
 
-        idx = self.handle.layer_indices(self.layer, n, k.device)  # [S] or None
+        idx = self.handle.layer_indices(self.layer, n, k.device)  # [S], [B, S] or None
         same = self.handle.config.same_frequency
         out = focus_attention_grid(q, k, v, self.freq_bins, idx, same, attn.scale)  # [B, H, T, F, D]
         out = out.permute(0, 2, 3, 1, 4).reshape(b, n, heads * d).to(q.dtype)  # [B, N, H*D]

@@ -46,7 +46,7 @@ def _rebuild_contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNe
     u = entry["modules"]["unet"]["contract"]
     shapes = {s["name"]: s["shape"] for s in u["inputs"]}
     levels = tuple(
-        (f, shapes[index_input_name(f)][0])
+        (f, shapes[index_input_name(f)][1])
         for f in (config.freq_bins if config else ())
         if index_input_name(f) in shapes
     )

@@ -14,28 +14,20 @@ import json
 import logging
 import math
 import numbers
-import secrets
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
 
 from litefocus.engine import manifest as mf
 from litefocus.engine.backends import RUNTIME_BACKENDS, parse_device
 from litefocus.engine.contract import MAX_SECONDS, SAMPLE_RATE, Bucket, LiteFocusConfig
 from litefocus.runtime.audio import Audio
+from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot
 from litefocus.runtime.engines import OpenEntry, open_entry
 from litefocus.runtime.noise_schedule import NoiseSchedule
-from litefocus.runtime.sampling import (
-    Conditioning,
-    GenerateOptions,
-    UNetCall,
-    denoise,
-    index_specs,
-    initial_latents,
-    make_sampler,
-)
+from litefocus.runtime.sampling import Conditioning, GenerateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +40,9 @@ class Runtime:
         self.device = device  # ("cpu", 0) | ("cuda", N)
         cfg = manifest["litefocus"]
         self.config = None if cfg is None else LiteFocusConfig.from_dict(cfg)
-        entries = sorted(manifest["entries"].items(), key=lambda kv: kv[1]["bucket"]["frames"])
+        entries = sorted(
+            manifest["entries"].items(), key=lambda kv: (kv[1]["bucket"]["frames"], _batch(kv[1]))
+        )
         self.entries = dict(entries)
         if not self.entries:
             raise ValueError(f"{engine_dir} has no engines; export some with litefocus-export --seconds ...")
@@ -95,13 +89,15 @@ class Runtime:
 
     # ---- buckets -----------------------------------------------------------------------------
     def bucket_for(self, seconds: float) -> str:
-        """The smallest entry whose audio holds ``seconds``."""
+        """The entry of the smallest bucket whose audio holds ``seconds`` (of that bucket's batch
+        sizes, the smallest that holds a guided request; ``batch_group`` has them all)."""
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds < math.inf:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
         seconds = float(seconds)
         exact = {
             name: Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds
             for name, e in self.entries.items()
+            if name == self._primary(name)
         }
         for name, length in exact.items():  # every length follows from frames, never from a stored float
             if length >= seconds:
@@ -116,6 +112,21 @@ class Runtime:
             f"seconds = {seconds:g} is longer than the largest bucket in {self.engine_dir} ({have}); export a "
             f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
         )
+
+    def batch_group(self, name: str) -> dict[int, OpenEntry]:
+        """Batch size -> opened entry, for every entry of ``name``'s bucket and precision."""
+        return {_batch(self.entries[n]): self.open_entry(n) for n in self._group_names(name)}
+
+    def _group_names(self, name: str) -> list[str]:
+        if name not in self.entries:
+            raise ValueError(f"{self.engine_dir} has no entry {name!r}; it has {', '.join(self.entries)}")
+        key = _group_key(self.entries[name])
+        return [n for n, e in self.entries.items() if _group_key(e) == key]
+
+    def _primary(self, name: str) -> str:
+        """The group's entry for one request: the smallest batch >= 2, else the smallest."""
+        names = self._group_names(name)
+        return next((n for n in names if _batch(self.entries[n]) >= 2), names[0])
 
     def open_entry(self, name: str) -> OpenEntry:
         """(unet backend, decode backend, unet contract, decode contract) of entry ``name``, opened
@@ -177,15 +188,15 @@ class Runtime:
             raise ValueError(f"cond must be a litefocus.runtime.Conditioning, got {type(cond).__name__}")
         name = self.bucket_for(seconds)
         t0 = time.perf_counter()
-        entry = self.open_entry(name)  # opened once per bucket: the first request pays for it
+        group = self.batch_group(name)  # opened once per bucket: the first request pays for it
         opened = time.perf_counter() - t0
-        audio = generate_audio(entry, cond, seconds, options, self.schedule, progress=progress, bucket=name)
+        audio = generate_audio(group, cond, seconds, options, self.schedule, progress=progress, bucket=name)
         audio.timings["setup"] += opened
         return audio
 
 
 def generate_audio(
-    entry: OpenEntry,
+    entries: OpenEntry | dict[int, OpenEntry],
     cond: Conditioning,
     seconds: float,
     options: GenerateOptions,
@@ -194,56 +205,36 @@ def generate_audio(
     progress: bool = True,
     bucket: str = "",
 ) -> Audio:
-    """The sampling loop + decode on one bucket's opened backends (Runtime's generation, and the
-    benchmark's on any backend). ``cond``: [uncond, cond] when guided, any T5 length <= the engine's."""
+    """One request alone: the sampling loop + decode on one bucket's opened backends (Runtime's
+    generation, and the benchmark's on any backend). ``entries``: one opened entry, or a bucket's
+    batch group (the smallest batch that holds the request runs it). ``cond``: [uncond, cond] when
+    guided, else one row; any T5 length <= the engine's. The same slot code as a served batch."""
     t0 = time.perf_counter()
-    unet, decode, unet_c, _ = entry
-    prompts = max(1, unet_c.batch // 2)  # CFG engines take [unconditional, conditional] per prompt
-    if options.guided and unet_c.batch == 1:
-        raise ValueError("this engine was exported with --batch 1 (no guidance): use guidance_scale=1")
-    if cond.batch not in (prompts, 2 * prompts) or (options.guided and cond.batch != 2 * prompts):
-        raise ValueError(
-            f"conditioning has batch {cond.batch}; this engine takes {prompts} prompt(s): batch "
-            f"{2 * prompts} with guidance ([unconditional, conditional]) or {prompts} without"
-        )
-    cond = cond.padded(unet_c.text_len)
-    if cond.batch < unet_c.batch:  # unguided on a CFG engine: run the pair, keep one half
-        cond = cond.repeated(unet_c.batch // cond.batch)
-    seed = secrets.randbits(63) if options.seed is None else options.seed
-    rng = np.random.default_rng(seed)
-    sampler = make_sampler(options.scheduler, schedule, schedule.check_steps(options.steps))
-    shape = (prompts, *unet_c.bucket.latent_shape)
-    if options.latents is None:
-        latents = initial_latents(shape, rng, sampler)
-    elif options.latents.shape != shape:
-        raise ValueError(
-            f"latents have shape {list(options.latents.shape)}; bucket {bucket} takes {list(shape)}"
-        )
-    else:
-        latents = options.latents * np.float32(sampler.init_noise_sigma)
+    group = {entries.unet_contract.batch: entries} if isinstance(entries, OpenEntry) else entries
+    unet = BatchedUNet(group)
+    slot = new_slot(cond, options, unet.contract, schedule, bucket)
     t1 = time.perf_counter()
-    latents = denoise(
-        UNetCall(unet, cond),
-        sampler,
-        latents,
-        cond.batch,
-        guidance_scale=options.guidance_scale,
-        index_specs=index_specs(unet_c),
-        rng=rng,
-        progress=progress,
-    )
+    for _ in tqdm(range(slot.steps), desc="denoise", disable=not progress, leave=False):
+        unet.step([slot])
     t2 = time.perf_counter()
-    wave = decode({"latent": latents})[0]
+    wave = decode_waveform(group[min(group)].decode, slot.latents, seconds)
     t3 = time.perf_counter()
-    samples = int(seconds * SAMPLE_RATE)
     return Audio(
-        waveform=np.ascontiguousarray(wave[:samples], dtype=np.float32),
+        waveform=wave,
         sample_rate=SAMPLE_RATE,
         seconds=seconds,
         bucket=bucket,
-        seed=seed,
+        seed=slot.seed,
         timings={"setup": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2},
     )
+
+
+def _batch(entry: dict) -> int:
+    return entry["modules"]["unet"]["contract"]["batch"]
+
+
+def _group_key(entry: dict) -> tuple:
+    return (entry["bucket"]["frames"], entry["precision"])
 
 
 def _options(options: GenerateOptions | None, overrides: dict) -> GenerateOptions:

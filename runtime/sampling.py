@@ -15,7 +15,6 @@ import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
 
 from litefocus.engine.contract import index_input_name
 from litefocus.runtime.ddim import DDIM
@@ -153,47 +152,40 @@ def draw_step_indices(specs: dict[str, tuple[int, int, int]], rng: np.random.Gen
 
 
 class UNetCall:
-    """One request's UNet calls on ``backend``: conditioning placed once, then per step
-    ``(sample, timestep, indices) -> noise_pred`` (float32). IO binding where the backend has it."""
+    """UNet calls on ``backend`` with one conditioning placed (IO binding where the backend has it:
+    set once, reused every step), then per step ``(sample, timesteps, indices) -> noise_pred`` (float32).
+    ``timesteps``: one per row [B], or one number for every row; ``indices``: name -> [B, layers, S],
+    or [layers, S] for every row."""
 
     def __init__(self, backend, cond: Conditioning):
+        self._backend = backend
+        self._shapes = backend.contract.shapes()
+        bind = getattr(backend, "bind", None)
+        self._binding = bind() if bind is not None else None
+        self.set_conditioning(cond)
+
+    def set_conditioning(self, cond: Conditioning) -> None:
         fixed = {
             "encoder_hidden_states": cond.gpt2,
             "encoder_hidden_states_1": cond.t5,
             "encoder_attention_mask_1": cond.t5_mask,
         }
-        bind = getattr(backend, "bind", None)
-        self._binding = bind() if bind is not None else None
         if self._binding is not None:
             for name, value in fixed.items():
                 self._binding.set(name, value)
-            self._fixed = {}
-        else:
-            self._backend, self._fixed = backend, fixed
+            fixed = {}
+        self._fixed = fixed
 
-    def __call__(self, sample: np.ndarray, timestep: int, indices: dict) -> np.ndarray:
-        step = {"sample": sample, "timestep": np.array([timestep], np.float32), **indices}
+    def __call__(self, sample: np.ndarray, timesteps, indices: dict) -> np.ndarray:
+        step = {"sample": sample, "timestep": np.asarray(timesteps, np.float32)}
+        step.update(indices)
+        step = {k: _per_row(v, self._shapes[k]) for k, v in step.items()}
         if self._binding is not None:
             return self._binding(step)
         return self._backend({**self._fixed, **step})
 
 
-def denoise_step(unet: UNetCall, sampler, index: int, latents, cond_batch: int, guidance_scale, indices):
-    """x_t -> x_{t-1}: one (CFG-batched) UNet call, guidance, sampler step. latents: [B, 8, T, 16]."""
-    t = int(sampler.timesteps[index])
-    model_in = np.concatenate([latents] * (cond_batch // latents.shape[0]))  # [cond_batch, 8, T, 16]
-    noise = unet(sampler.scale_model_input(model_in, index), t, indices)
-    if guidance_scale > 1.0:
-        uncond, text = np.split(noise, 2)
-        noise = uncond + np.float32(guidance_scale) * (text - uncond)
-    else:
-        noise = noise[: latents.shape[0]]
-    return sampler.step(noise, index, latents)
-
-
-def denoise(unet, sampler, latents, cond_batch, *, guidance_scale, index_specs, rng, progress=True):
-    """The whole loop; LiteFocus indices are drawn per step from ``rng`` (after the noise)."""
-    for i in tqdm(range(len(sampler.timesteps)), desc="denoise", disable=not progress, leave=False):
-        indices = draw_step_indices(index_specs, rng)
-        latents = denoise_step(unet, sampler, i, latents, cond_batch, guidance_scale, indices)
-    return latents
+def _per_row(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A value shared by every row, broadcast to the contract's per-row shape (others unchanged)."""
+    value = np.asarray(value)
+    return value if value.shape == tuple(shape) else np.broadcast_to(value, shape)

@@ -134,7 +134,8 @@ def test_static_matches_reference_property(b, h, t, fb, d, s, same, seed):
         (lambda q: (q, q, q, 4, torch.tensor([-1])), "outside"),
         (lambda q: (q, q[:, :, :20], q, 4, None), "same shape"),
         (lambda q: (q[0], q[0], q[0], 4, None), "4-D"),
-        (lambda q: (q, q, q, 4, torch.tensor([[0, 1]])), "1-D"),
+        (lambda q: (q, q, q, 4, torch.tensor([[0, 1], [2, 3]])), r"\[S\] or \[B = 1, S\]"),
+        (lambda q: (q, q, q, 4, torch.zeros(1, 1, 2, dtype=torch.int64)), r"\[S\] or \[B = 1, S\]"),
         (lambda q: (q, q, q, 4, torch.tensor([0.0])), "int32 or int64"),
         (lambda q: (q, q, q, 0, None), "positive int"),
         (lambda q: (q, q.float(), q, 4, None), "dtypes differ"),
@@ -150,3 +151,22 @@ def test_nothing_to_attend_to_is_an_error():
     q = torch.randn(1, 2, 24, 4)
     with pytest.raises(ValueError, match="same_frequency=False"):
         litefocus_attention(q, q, q, 4, None, same_frequency=False)
+
+
+@pytest.mark.parametrize("same_frequency", [True, False])
+def test_per_row_samples_match_the_reference_and_each_row_alone(same_frequency):
+    """global_idx [B, S]: every batch row attends with its own sample (step-level batching of
+    requests), equal to the float64 reference and to that row run alone with its 1-D sample."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    b, h, t, f, d, s = 3, 2, 10, 4, 8, 6
+    q, k, v = (torch.randn(b, h, t * f, d, generator=g, dtype=torch.float64) for _ in range(3))
+    idx = torch.stack([torch.randperm(t * f, generator=g)[:s] for _ in range(b)]).to(torch.int32)
+    out = litefocus_attention(q, k, v, f, idx, same_frequency=same_frequency)
+    ref = reference_litefocus_attention(q, k, v, f, idx, same_frequency=same_frequency)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    for i in range(b):
+        row = (q[i : i + 1], k[i : i + 1], v[i : i + 1])
+        alone = litefocus_attention(*row, f, idx[i], same_frequency=same_frequency)
+        torch.testing.assert_close(out[i : i + 1], alone, atol=1e-12, rtol=1e-12)
+    shared = litefocus_attention(q, k, v, f, idx[0], same_frequency=same_frequency)
+    assert not torch.allclose(out[1:], shared[1:])  # the rows' own samples matter: the test can fail

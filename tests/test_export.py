@@ -65,7 +65,8 @@ def test_graph_inputs_follow_the_contract(exported):
     session = open_session(exported / "0p64s-fp32" / "unet.onnx", ["CPUExecutionProvider"])
     got = [(i.name, list(i.shape)) for i in session.get_inputs()]
     assert got == [(s["name"], s["shape"]) for s in contract["inputs"]]
-    assert got[-1] == ("litefocus_indices_f8", [20, 6])  # S = floor(0.1 * 8 * 8)
+    assert got[-1] == ("litefocus_indices_f8", [2, 20, 6])  # [B, layers, S = floor(0.1 * 8 * 8)]
+    assert ("timestep", [2]) in got  # one timestep per row
     wave = entry["modules"]["decode"]["contract"]["outputs"][0]
     assert wave["shape"] == [1, Bucket.for_seconds(0.6).samples] == [1, 10240]
 
@@ -201,7 +202,8 @@ def test_fp16_export_validates(model_dir, tmp_path):
         (["--seconds", "10", "--random-weights", "--preset", "audioldm3"], "--preset 'audioldm3' is unknown"),
         (["--seconds", "10", "--model", "/no/such/model"], "--model /no/such/model: no such directory"),
         (["--seconds", "10", "--sparse-ratio", "1.5"], "--sparse-ratio must be a number in (0, 1]"),
-        (["--seconds", "10", "--batch", "3"], "--batch 3"),
+        (["--seconds", "10", "--batch", "2", "0"], "--batch 0: each batch size must be in 1..64"),
+        (["--seconds", "10", "--batch", "65"], "--batch 65: each batch size must be in 1..64"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path):

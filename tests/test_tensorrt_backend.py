@@ -221,7 +221,7 @@ def _mutate(rows, name, **change):
             lambda io: _mutate(io, "noise_pred", dtype="bfloat16"),
             "'noise_pred' is output (2, 8, 8, 16) bfloat16",
         ),
-        (lambda io: _mutate(io, "timestep", mode="OUTPUT"), "'timestep' is output (1,) float32"),
+        (lambda io: _mutate(io, "timestep", mode="OUTPUT"), "'timestep' is output (2,) float32"),
     ],
 )
 def test_engine_io_must_match_the_contract(monkeypatch, plan, mutate, match):
@@ -285,8 +285,8 @@ def test_call_rejects_a_wrong_shape_and_a_closed_backend(monkeypatch, plan):
     fake = install_fake(monkeypatch)
     backend = TensorRTBackend(plan, UNET, RECORD, device="cpu")
     inputs = caller_inputs()
-    inputs["timestep"] = np.ones(2)  # would broadcast in a copy_: must be refused
-    with pytest.raises(ValueError, match=r"'timestep' has shape \(2,\), the engine takes \(1,\)"):
+    inputs["timestep"] = np.ones(1)  # would broadcast in a copy_: must be refused
+    with pytest.raises(ValueError, match=r"'timestep' has shape \(1,\), the engine takes \(2,\)"):
         backend(inputs)
     assert fake.named("execute_async_v3") == []
     backend.close()

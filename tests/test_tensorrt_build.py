@@ -46,8 +46,8 @@ def test_profile_shapes_are_the_static_contract_shapes(contract):
     for name, (lo, opt, hi) in profiles.items():
         assert lo == opt == hi == shapes[name]
         assert all(isinstance(d, int) for d in lo)
-    assert profiles["litefocus_indices_f8" if contract is UNET else "latent"][0][0] == (
-        20 if contract is UNET else 1
+    assert profiles["litefocus_indices_f8" if contract is UNET else "latent"][0][:2] == (
+        (2, 20) if contract is UNET else (1, 8)
     )
 
 
@@ -292,7 +292,7 @@ def test_fake_build_fp32(monkeypatch, tmp_path, onnx_file):
     assert fake.named("parse_from_file") == [("parse_from_file", str(onnx_file))]
     shapes = {name: (lo, opt, hi) for _, name, lo, opt, hi in fake.named("set_shape")}
     assert shapes == {s.name: (s.shape,) * 3 for s in UNET.inputs}
-    assert shapes["litefocus_indices_f8"][0] == (20, UNET.bucket.num_global(UNET.litefocus, 8))
+    assert shapes["litefocus_indices_f8"][0] == (2, 20, UNET.bucket.num_global(UNET.litefocus, 8))
     assert len(fake.named("add_optimization_profile")) == 1
     assert fake.named("set_flag") == []  # fp32: no FP16
     assert fake.named("set_memory_pool_limit") == [("set_memory_pool_limit", "WORKSPACE", 2 << 30)]

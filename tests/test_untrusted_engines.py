@@ -220,9 +220,9 @@ CASES = {
     "not-utf8": lambda d, m, s: b"\xff\xfe{}",
     # schema version and kind
     "schema-true": _set("schema_version", True),
-    "schema-string": _set("schema_version", "1"),
-    "schema-2": _set("schema_version", 2),
-    "schema-float": _set("schema_version", 1.0),
+    "schema-string": _set("schema_version", "2"),
+    "schema-1": _set("schema_version", 1),
+    "schema-float": _set("schema_version", 2.0),
     "kind-missing": _set("kind", _DELETE),
     # names and files
     "entry-name-dotdot": _rename_entry(".."),
