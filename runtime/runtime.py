@@ -113,6 +113,19 @@ class Runtime:
             f"longer one: litefocus-export --seconds {math.ceil(seconds)} --out {self.engine_dir}"
         )
 
+    def buckets(self) -> list[dict]:
+        """Each bucket a request can land in, shortest first, from the manifest alone (nothing is
+        opened): its entry ``name``, exact ``seconds`` and exported ``batch_sizes``."""
+        return [
+            {
+                "name": name,
+                "seconds": Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds,
+                "batch_sizes": sorted(_batch(self.entries[n]) for n in self._group_names(name)),
+            }
+            for name, e in self.entries.items()
+            if name == self._primary(name)
+        ]
+
     def batch_group(self, name: str) -> dict[int, OpenEntry]:
         """Batch size -> opened entry, for every entry of ``name``'s bucket and precision."""
         return {_batch(self.entries[n]): self.open_entry(n) for n in self._group_names(name)}

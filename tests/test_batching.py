@@ -46,6 +46,8 @@ def test_one_entry_per_batch_size(engines, rt):
         assert entries[name]["modules"]["decode"]["contract"]["batch"] == 1
     assert rt.bucket_for(SECONDS) == "0p64s-fp32"  # one guided request's engine
     assert sorted(rt.batch_group("0p64s-fp32-b4")) == [1, 2, 4]
+    (bucket,) = rt.buckets()
+    assert bucket == {"name": "0p64s-fp32", "seconds": pytest.approx(SECONDS), "batch_sizes": [1, 2, 4]}
 
 
 REQUESTS = [  # (prompt, seconds, options, the step at which it joins the running batch)
