@@ -10,6 +10,7 @@ gets one text-conditioning engine per directory (``text/``, same rules; see ``_e
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import functools
 import json
@@ -419,6 +420,7 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
     rows = []
     stages = STAGES_PER_MODULE * len(MODULES)
     jobs = [(bucket, batch) for bucket in buckets for batch in sorted(set(opts.batches))]
+    decodes: dict[int, str] = {}  # frames -> an entry of this run whose decode graph the others reuse
     with tqdm(total=stages * len(jobs), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
         for bucket, batch in jobs:
             name = mf.entry_name(bucket, opts.precision, batch)
@@ -428,13 +430,19 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
                 logger.info("%s: cached (key %s)", name, key[:12])
                 bar.update(stages)
                 rows.append({"entry": name, "status": "cached", **_summary(old)})
-                continue
-            entry = _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar)
-            rows.append({"entry": name, "status": "built", **_summary(entry)})
+            else:
+                sibling = decodes.get(bucket.frames)
+                entry = _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar, sibling)
+                rows.append({"entry": name, "status": "built", **_summary(entry)})
+            decodes.setdefault(bucket.frames, name)
     return manifest, rows
 
 
-def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar) -> dict:
+def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar, sibling=None) -> dict:
+    """Export, audit, validate (and build) one entry's graphs in a temporary folder, then rename it
+    into place. ``sibling``: an entry of this run with the same bucket and precision (another batch
+    size) whose verified decode graph is copied instead of exported again (decode is batch 1 in
+    every entry and does not depend on the UNet's batch or LiteFocus)."""
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
     try:
@@ -456,9 +464,13 @@ def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar)
         )
         bar.set_description(f"{name} decode")
         decode = DecodeContract(bucket, batch=1, precision=opts.precision)  # one request at a time
-        decode_rec = _module_stages(
-            "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts.backend, bar
-        )
+        if sibling is not None:
+            decode_rec = _copy_module(out, manifest["entries"][sibling]["modules"]["decode"], tmp, name)
+            bar.update(STAGES_PER_MODULE)
+        else:
+            decode_rec = _module_stages(
+                "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts.backend, bar
+            )
         entry = {
             "key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -478,6 +490,19 @@ def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar)
     manifest["versions"] = mf.library_versions()
     mf.write_manifest(out, manifest)
     return entry
+
+
+def _copy_module(out: Path, record: dict, tmp: Path, name: str) -> dict:
+    """A verified module of another entry, copied into ``tmp`` with its record (paths -> ``name``)."""
+    files = {}
+    for kind, f in record["files"].items():
+        source = mf.artifact_path(out, f["path"])
+        target = tmp / source.name
+        shutil.copyfile(source, target)
+        files[kind] = mf.file_record(target, name)
+        if files[kind]["sha256"] != f["sha256"]:
+            raise RuntimeError(f"{f['path']} changed while it was copied; run the export again")
+    return {**copy.deepcopy(record), "files": files}
 
 
 def _summary(entry: dict) -> dict:

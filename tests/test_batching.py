@@ -44,6 +44,9 @@ def test_one_entry_per_batch_size(engines, rt):
         inputs = {s["name"]: s["shape"] for s in entries[name]["modules"]["unet"]["contract"]["inputs"]}
         assert inputs["timestep"] == [batch] and inputs["litefocus_indices_f8"][0] == batch
         assert entries[name]["modules"]["decode"]["contract"]["batch"] == 1
+    decode = {n: e["modules"]["decode"] for n, e in entries.items()}  # exported once, copied to the others
+    assert len({(d["files"]["data"]["sha256"], d["export_seconds"]) for d in decode.values()}) == 1
+    assert all(d["files"]["onnx"]["path"].startswith(f"{n}/") for n, d in decode.items())
     assert rt.bucket_for(SECONDS) == "0p64s-fp32"  # one guided request's engine
     assert sorted(rt.batch_group("0p64s-fp32-b4")) == [1, 2, 4]
     (bucket,) = rt.buckets()
