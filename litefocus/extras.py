@@ -16,9 +16,11 @@ def run_with_extra(prog: str, extra: str, modules: tuple[str, ...], target: str,
     when one of ``modules`` is not installed."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
+        how = f"pip install 'litefocus[{extra}]'"
+        if "torch" in modules:  # the CPU build first, or pip pulls CUDA's
+            how = f"pip install torch==2.13.0 && {how} (torch first: its CPU build)"
         print(
-            f"{prog}: error: {', '.join(missing)} not installed; install the {extra} extra: "
-            f"pip install torch==2.13.0 && pip install 'litefocus[{extra}]' (torch first: its CPU build)",
+            f"{prog}: error: {', '.join(missing)} not installed; install the {extra} extra: {how}",
             file=sys.stderr,
         )
         return 2

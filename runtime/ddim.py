@@ -20,6 +20,16 @@ class DDIM:
         self.alphas_cumprod = schedule.alphas_cumprod()
         self.final_alpha_cumprod = np.float32(1.0) if schedule.set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = ddim_timesteps(schedule, steps)
+        if self.timesteps.max() >= schedule.num_train_timesteps:  # "leading" + steps_offset at n steps
+            usable = next(
+                k
+                for k in range(steps, 0, -1)
+                if ddim_timesteps(schedule, k).max() < schedule.num_train_timesteps
+            )
+            raise ValueError(
+                f"steps = {steps} puts a DDIM timestep past the model's {schedule.num_train_timesteps} "
+                f"(steps_offset {schedule.steps_offset}); use at most {usable} steps"
+            )
 
     def scale_model_input(self, sample: np.ndarray, index: int) -> np.ndarray:
         return sample

@@ -17,14 +17,15 @@ logger = logging.getLogger(__name__)
 class OpenEntry(NamedTuple):
     """One bucket's engines, opened once per Runtime: (unet, decode, unet contract, decode contract)."""
 
-    unet: object  # backend: inputs -> noise_pred
-    decode: object  # backend: {"latent": ...} -> waveform
+    unet: object  # backend: inputs -> noise_pred (None when only the decode was opened)
+    decode: object  # backend: {"latent": ...} -> waveform (None when only the UNet was opened)
     unet_contract: UNetContract
     decode_contract: DecodeContract
 
     def close(self) -> None:
-        self.unet.close()
-        self.decode.close()
+        for backend in (self.unet, self.decode):
+            if backend is not None:
+                backend.close()
 
 
 def contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNetContract, DecodeContract]:
@@ -95,8 +96,14 @@ def resolve_backend(requested: str, name: str, entry: dict, device: tuple[str, i
     return "onnxruntime"
 
 
-def open_entry(engine_dir: Path, name: str, entry: dict, config, requested: str, device: tuple[str, int]):
-    """Verify the entry's files (hashes), rebuild its contracts and open its two backends."""
+MODULES = ("unet", "decode")
+
+
+def open_entry(
+    engine_dir: Path, name: str, entry: dict, config, requested: str, device: tuple[str, int], modules=MODULES
+):
+    """Verify the entry's files (hashes), rebuild its contracts and open the backends of ``modules``
+    (both by default; a denoiser needs only the UNet, a decoder only the decode graph)."""
     problems = mf.verify_entry(engine_dir, entry)
     if problems:
         raise ValueError(
@@ -104,7 +111,10 @@ def open_entry(engine_dir: Path, name: str, entry: dict, config, requested: str,
             "re-export it with litefocus-export --force"
         )
     unet_c, decode_c = contracts(entry, config)
-    modules = entry["modules"]
+    wanted = set(modules)
+    if not wanted or wanted - set(MODULES):
+        raise ValueError(f"modules must name some of {', '.join(MODULES)}, got {modules!r}")
+    records = entry["modules"]
     device_text = f"{device[0]}:{device[1]}" if device[0] == "cuda" else "cpu"
     opened = []
     try:
@@ -112,11 +122,17 @@ def open_entry(engine_dir: Path, name: str, entry: dict, config, requested: str,
             from litefocus.engine.tensorrt_backend import TensorRTBackend
 
             for m, c in (("unet", unet_c), ("decode", decode_c)):
-                path = mf.artifact_path(engine_dir, modules[m]["files"]["plan"]["path"])
-                opened.append(TensorRTBackend(path, c, modules[m]["tensorrt"], device=device_text))
+                if m not in wanted:
+                    opened.append(None)
+                    continue
+                path = mf.artifact_path(engine_dir, records[m]["files"]["plan"]["path"])
+                opened.append(TensorRTBackend(path, c, records[m]["tensorrt"], device=device_text))
         else:
             for m, c in (("unet", unet_c), ("decode", decode_c)):
-                files = modules[m]["files"]
+                if m not in wanted:
+                    opened.append(None)
+                    continue
+                files = records[m]["files"]
                 opened.append(
                     OnnxRuntimeBackend(
                         mf.artifact_path(engine_dir, files["onnx"]["path"]),
@@ -127,6 +143,7 @@ def open_entry(engine_dir: Path, name: str, entry: dict, config, requested: str,
                 )
     except BaseException:
         for backend in opened:
-            backend.close()
+            if backend is not None:
+                backend.close()
         raise
     return OpenEntry(opened[0], opened[1], unet_c, decode_c)

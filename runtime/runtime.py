@@ -25,7 +25,7 @@ from litefocus.engine.backends import RUNTIME_BACKENDS, parse_device
 from litefocus.engine.contract import MAX_SECONDS, SAMPLE_RATE, Bucket, LiteFocusConfig
 from litefocus.runtime.audio import Audio
 from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot
-from litefocus.runtime.engines import OpenEntry, open_entry
+from litefocus.runtime.engines import MODULES, OpenEntry, open_entry
 from litefocus.runtime.noise_schedule import NoiseSchedule
 from litefocus.runtime.sampling import Conditioning, GenerateOptions
 
@@ -48,7 +48,8 @@ class Runtime:
             raise ValueError(f"{engine_dir} has no engines; export some with litefocus-export --seconds ...")
         self.schedule = _noise_schedule(manifest)
         self._lock = threading.Lock()
-        self._open: dict[str, OpenEntry] = {}
+        self._backends: dict[tuple[str, str], object] = {}  # (entry, module) -> opened backend
+        self._contracts: dict[str, tuple] = {}  # entry -> (unet contract, decode contract)
         self._text = None
 
     # ---- loading -----------------------------------------------------------------------------
@@ -76,9 +77,9 @@ class Runtime:
 
     def close(self) -> None:
         with self._lock:
-            for entry in self._open.values():
-                entry.close()
-            self._open.clear()
+            for backend in self._backends.values():
+                backend.close()
+            self._backends.clear()
             self._text = None
 
     def __enter__(self) -> Runtime:
@@ -126,9 +127,10 @@ class Runtime:
             if name == self._primary(name)
         ]
 
-    def batch_group(self, name: str) -> dict[int, OpenEntry]:
-        """Batch size -> opened entry, for every entry of ``name``'s bucket and precision."""
-        return {_batch(self.entries[n]): self.open_entry(n) for n in self._group_names(name)}
+    def batch_group(self, name: str, modules=MODULES) -> dict[int, OpenEntry]:
+        """Batch size -> opened entry, for every entry of ``name``'s bucket and precision
+        (``modules=("unet",)``: a denoiser that never decodes opens no decode graphs)."""
+        return {_batch(self.entries[n]): self.open_entry(n, modules) for n in self._group_names(name)}
 
     def _group_names(self, name: str) -> list[str]:
         if name not in self.entries:
@@ -141,17 +143,26 @@ class Runtime:
         names = self._group_names(name)
         return next((n for n in names if _batch(self.entries[n]) >= 2), names[0])
 
-    def open_entry(self, name: str) -> OpenEntry:
-        """(unet backend, decode backend, unet contract, decode contract) of entry ``name``, opened
-        once: for embedding the stages in another loop, e.g. the benchmark."""
+    def open_entry(self, name: str, modules=MODULES) -> OpenEntry:
+        """(unet backend, decode backend, unet contract, decode contract) of entry ``name``, each
+        backend opened once: for embedding the stages in another loop, e.g. the benchmark or a
+        serving deployment. A module not in ``modules`` is None (and is not opened)."""
         if name not in self.entries:
             raise ValueError(f"{self.engine_dir} has no entry {name!r}; it has {', '.join(self.entries)}")
+        if not set(modules) or set(modules) - set(MODULES):
+            raise ValueError(f"modules must name some of {', '.join(MODULES)}, got {modules!r}")
         with self._lock:
-            if name not in self._open:
-                self._open[name] = open_entry(
-                    self.engine_dir, name, self.entries[name], self.config, self.backend, self.device
+            missing = tuple(m for m in MODULES if m in modules and (name, m) not in self._backends)
+            if missing:
+                opened = open_entry(
+                    self.engine_dir, name, self.entries[name], self.config, self.backend, self.device, missing
                 )
-            return self._open[name]
+                for m in missing:
+                    self._backends[(name, m)] = getattr(opened, m)
+                self._contracts[name] = (opened.unet_contract, opened.decode_contract)
+            unet = self._backends.get((name, "unet")) if "unet" in modules else None
+            decode = self._backends.get((name, "decode")) if "decode" in modules else None
+            return OpenEntry(unet, decode, *self._contracts[name])
 
     # ---- generation --------------------------------------------------------------------------
     def text_encoder(self):

@@ -6,6 +6,7 @@ Allowed edges between litefocus's packages (by module path, lazy imports inside 
   export                  -> export, engine, litefocus
   runtime                 -> runtime, engine
   bench                   -> anything
+  serve                   -> serve, runtime, engine (and litefocus.extras, for its entry point)
 No package imports another package's private (``_``) names.
 """
 
@@ -19,14 +20,23 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = {"litefocus": "litefocus", "engine": "engine", "export": "export", "runtime": "runtime", "bench": "bench"}
+FOLDERS = {
+    "litefocus": "litefocus",
+    "engine": "engine",
+    "export": "export",
+    "runtime": "runtime",
+    "bench": "bench",
+    "serve": "serve",
+}
+SUBPACKAGES = ("engine", "export", "runtime", "bench", "serve")
 TORCH_FREE_CORE = {"litefocus.config", "litefocus.buckets", "litefocus.geometry"}
 ALLOWED = {
     "litefocus": {"litefocus"},
     "engine": {"engine", *TORCH_FREE_CORE},
     "export": {"export", "engine", "litefocus"},
     "runtime": {"runtime", "engine"},
-    "bench": {"bench", "export", "engine", "runtime", "litefocus"},
+    "bench": {"bench", "export", "engine", "runtime", "litefocus", "serve"},
+    "serve": {"serve", "runtime", "engine", "litefocus.extras"},
 }
 
 
@@ -35,7 +45,7 @@ def package_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "litefocus":
         return None
-    return parts[1] if len(parts) > 1 and parts[1] in ("engine", "export", "runtime", "bench") else "litefocus"
+    return parts[1] if len(parts) > 1 and parts[1] in SUBPACKAGES else "litefocus"
 
 
 def imports(path: Path) -> list[tuple[int, str, list[str]]]:
@@ -87,6 +97,9 @@ def test_imports_point_one_way():
         (("runtime", "runtime/x.py:1", "litefocus.config", ["LiteFocusConfig"], "litefocus"), "runtime imports"),
         (("export", "export/x.py:1", "litefocus.engine.manifest", ["_short"], "engine"), "private _short"),
         (("litefocus", "litefocus/x.py:1", "litefocus.engine.contract", ["X"], "engine"), "litefocus imports"),
+        (("serve", "serve/x.py:1", "litefocus.export.pipeline", ["x"], "export"), "serve imports"),
+        (("serve", "serve/x.py:1", "litefocus.installer", ["install"], "litefocus"), "serve imports"),
+        (("runtime", "runtime/x.py:1", "litefocus.serve.app", ["build_app"], "serve"), "runtime imports"),
     ],
 )
 def test_the_check_catches_a_wrong_edge(edge, fragment):

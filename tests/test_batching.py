@@ -124,3 +124,15 @@ def test_a_request_is_one_prompt(rt):
         new_slot(guided, GenerateOptions(steps=2, guidance_scale=1.0), unet.contract, rt.schedule)
     with pytest.raises(ValueError, match="do not fit"):
         unet.size_for(5)
+
+
+def test_a_denoiser_and_a_decoder_open_only_their_graphs(engines):
+    with Runtime.load(engines, backend="onnxruntime") as rt:
+        name = rt.bucket_for(SECONDS)
+        group = rt.batch_group(name, modules=("unet",))
+        assert all(e.unet is not None and e.decode is None for e in group.values())
+        decoder = rt.open_entry(name, ("decode",))
+        assert decoder.unet is None and decoder.decode is not None
+        assert rt.open_entry(name).unet is group[2].unet  # each backend opened once
+        with pytest.raises(ValueError, match="modules must name some of unet, decode"):
+            rt.open_entry(name, ("vae",))

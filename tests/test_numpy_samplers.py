@@ -100,3 +100,12 @@ def test_the_model_scheduler_config_is_read_and_checked():
     dpm = DPMSolverPP2M(s, 5)
     with pytest.raises(ValueError, match="in order"):
         dpm.step(np.zeros(3), 1, np.zeros(3))
+
+
+def test_ddim_refuses_steps_whose_timesteps_pass_the_schedule():
+    """'leading' spacing + steps_offset 1 at 1000 steps would index timestep 1000 (diffusers itself
+    fails there with an IndexError): refused up front with the largest usable count."""
+    schedule = NoiseSchedule.from_config(AUDIOLDM2)
+    with pytest.raises(ValueError, match="use at most 999 steps"):
+        DDIM(schedule, 1000)
+    assert DDIM(schedule, 999).timesteps.max() == 999

@@ -1,0 +1,254 @@
+"""The Ray Serve application: an HTTP ingress (FastAPI) over the worker deployments.
+
+    POST /v1/generate   {prompt | conditioning, seconds, seed, steps, guidance, scheduler,
+                         negative_prompt, format: "wav" | "f32"} -> audio/wav or raw float32 LE
+                        (headers X-Seed, X-Bucket, X-Sample-Rate)
+    GET  /healthz       {"status": "ok", ...}
+    GET  /v1/engines    buckets (name, seconds, batch sizes, max rows) and the limits
+    GET  /v1/stats      the denoisers' counters: UNet calls, rows used / available (occupancy)
+
+``build_app(args)`` is the application builder: ``import_path: litefocus.serve.app:build_app`` in a
+``serve deploy`` config, with ``args`` as in ``ServeSettings`` (``litefocus-serve --write-config``).
+"""
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve import metrics
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+
+from litefocus.engine.contract import SAMPLE_RATE
+from litefocus.runtime import Runtime
+from litefocus.serve.deployments import Decoder, Denoiser, StatsBoard, TextConditioner
+from litefocus.serve.http import (
+    ApiError,
+    audio_response,
+    conditioning_of,
+    field_error,
+    install_error_handlers,
+    options_of,
+    parse_request,
+    read_body,
+)
+from litefocus.serve.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
+LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
+
+api = FastAPI(title="litefocus", description="LiteFocus text-to-audio on Ray Serve")
+install_error_handlers(api)
+
+
+def deployment_name(bucket: str) -> str:
+    return "Denoiser-" + re.sub(r"[^A-Za-z0-9_.-]", "_", bucket)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, settings: dict, text, denoisers: dict, decoder, stats_board):
+        self.settings = ServeSettings.from_args(settings)
+        self.runtime = Runtime.load(self.settings.engines, backend=self.settings.backend)
+        self.buckets = self.runtime.buckets()  # from the manifest: nothing opened here
+        self.max_seconds = self.buckets[-1]["seconds"]
+        self.has_text = self.runtime.manifest.get("text") is not None
+        self.text, self.denoisers, self.decoder, self.board = text, denoisers, decoder, stats_board
+        self.m_requests = metrics.Counter(
+            "litefocus_requests", "generate requests by status", tag_keys=("status", "bucket")
+        )
+        self.m_latency = metrics.Histogram(
+            "litefocus_request_latency_s",
+            "generate latency, body to audio",
+            LATENCY_BOUNDARIES_S,
+            ("bucket",),
+        )
+
+    # ---- endpoints -----------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "buckets": [b["name"] for b in self.buckets], "text": self.has_text}
+
+    @api.get("/v1/engines")
+    async def engines(self) -> dict:
+        s = self.settings
+        rows = [
+            {**b, "max_rows": b["batch_sizes"][-1] if s.batching else min(2, b["batch_sizes"][-1])}
+            for b in self.buckets
+        ]
+        limits = {
+            "max_seconds": self.max_seconds,
+            "max_steps": s.max_steps,
+            "queue_size": s.queue_size,
+            "timeout_s": s.timeout_s,
+            "max_body_bytes": s.max_body_bytes,
+        }
+        return {"buckets": rows, "limits": limits, "batching": s.batching, "text": self.has_text}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        return await self._call(self.board.snapshot.remote(), "stats board")
+
+    @api.post("/v1/generate")
+    async def generate(self, request: Request):
+        t0, status, bucket = time.perf_counter(), 500, ""
+        try:
+            bucket, response = await self._generate(request)
+            status = response.status_code
+            return response
+        except ApiError as e:
+            status = e.status
+            return e.response()
+        except asyncio.CancelledError:  # the client went away: nothing to answer
+            status = 499
+            raise
+        finally:
+            self.m_requests.inc(tags={"status": str(status), "bucket": bucket})
+            if status == 200:
+                self.m_latency.observe(time.perf_counter() - t0, tags={"bucket": bucket})
+
+    # ---- the request -----------------------------------------------------------------------------
+    async def _generate(self, request: Request):
+        s = self.settings
+        req = parse_request(await read_body(request, s.max_body_bytes))
+        bucket = self._bucket(req.seconds)
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        options = options_of(req, seed, s.max_steps)
+        try:
+            self.runtime.schedule.check_steps(options.steps)
+        except ValueError as e:
+            raise field_error("steps", str(e)) from None
+        cond = None
+        if req.conditioning is not None:
+            if req.prompt is not None:
+                raise field_error("prompt", "send prompt or conditioning, not both")
+            if req.negative_prompt is not None:
+                raise field_error(
+                    "negative_prompt", "negative_prompt goes with a prompt; with conditioning it is row 0"
+                )
+            cond = conditioning_of(req.conditioning)
+        elif req.prompt is None or not req.prompt.strip():
+            raise field_error("prompt", "prompt is missing or empty")
+        elif not self.has_text:
+            raise ApiError(
+                422, "prompt: these engines have no text encoder; send conditioning instead", "prompt"
+            )
+        headers = {"X-Seed": str(seed), "X-Bucket": bucket}
+        try:
+            wave = await asyncio.wait_for(self._pipeline(req, cond, bucket, options, headers), s.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504,
+                f"the request took longer than this server's timeout of {s.timeout_s:g} s; "
+                "ask for fewer steps or seconds, or retry later",
+                None,
+            ) from None
+        return bucket, audio_response(wave, SAMPLE_RATE, req.format, headers)
+
+    def _bucket(self, seconds: float) -> str:
+        try:
+            return self.runtime.bucket_for(seconds)
+        except ValueError as e:
+            if seconds > self.max_seconds:
+                raise ApiError(
+                    422,
+                    f"seconds = {seconds:g} is longer than the largest bucket ({self.max_seconds:g} s); "
+                    f"send seconds <= {self.max_seconds:g}",
+                    "seconds",
+                ) from None
+            raise field_error("seconds", str(e)) from None
+
+    async def _pipeline(self, req, cond, bucket: str, options, headers: dict):
+        if cond is None:
+            cond = await self._call(
+                self.text.encode.remote(req.prompt, options.negative_prompt, options.guided), "text encoder"
+            )
+        result = await self._denoise(bucket, cond, options)
+        if "error" in result:
+            extra = {"Retry-After": str(result["retry_after"])} if "retry_after" in result else {}
+            raise ApiError(result["status"], result["error"], result.get("field"), {**headers, **extra})
+        return await self._call(self.decoder.decode.remote(bucket, result["latents"], req.seconds), "decoder")
+
+    async def _denoise(self, bucket: str, cond, options) -> dict:
+        """The bucket's denoiser call. A replica lost under it is a 503 (Retry-After): the client
+        retries, with the X-Seed it got for the same result, once Serve has restarted the replica."""
+        return await self._call(self.denoisers[bucket].denoise.remote(cond, options), f"denoiser {bucket}")
+
+    @staticmethod
+    async def _call(response, what: str):
+        """Await a deployment call; cancel it when we are cancelled; Ray failures as ApiError."""
+        try:
+            return await response
+        except (asyncio.CancelledError, RequestCancelledError):
+            response.cancel()  # propagate: the downstream replica frees the request's slot
+            raise
+        except BackPressureError:
+            raise ApiError(
+                503, f"the {what} is at capacity; retry later", None, {"Retry-After": "1"}
+            ) from None
+        except LOST as e:
+            raise ApiError(
+                503,
+                f"the {what} replica was lost ({type(e).__name__}); retry: Serve restarts it",
+                None,
+                {"Retry-After": "2"},
+            ) from None
+        except RayTaskError as e:
+            cause = e.cause if getattr(e, "cause", None) is not None else e
+            logger.error("the %s failed: %s", what, cause)
+            raise ApiError(500, f"the {what} failed: {type(cause).__name__}: {str(cause)[:200]}") from None
+
+
+def build_app(args: dict):
+    """The application builder (``import_path: litefocus.serve.app:build_app``)."""
+    s = ServeSettings.from_args(args)
+    runtime = Runtime.load(s.engines, backend=s.backend)  # the manifest, checked; nothing opened
+    buckets = runtime.buckets()
+    biggest = max(b["batch_sizes"][-1] for b in buckets)
+
+    def options(kind: str, **extra) -> dict:
+        actor = {"num_cpus": s.cpus_of(kind), **extra.pop("actor", {})}
+        return {**s.scaling_of(kind).options(), "ray_actor_options": actor, **extra}
+
+    board = StatsBoard.bind()
+    text = TextConditioner.options(**options("text", max_ongoing_requests=64)).bind(s.engines, s.backend)
+    decoder_device = "cuda" if s.decoder_gpus > 0 else "cpu"
+    decoder = Decoder.options(
+        **options("decoder", max_ongoing_requests=64, actor={"num_gpus": s.decoder_gpus})
+    ).bind(s.engines, s.backend, decoder_device)
+    denoisers = {}
+    for b in buckets:
+        opts = options(
+            "denoiser",
+            # past the queue the replica answers "queue full" itself; the router's own queue is a backstop
+            max_ongoing_requests=2 * s.queue_size + b["batch_sizes"][-1],
+            max_queued_requests=s.queue_size,
+            actor={"num_gpus": s.denoiser_gpus},
+        )
+        auto = opts.get("autoscaling_config")
+        if auto is not None and "target_ongoing_requests" not in auto:
+            # a replica is busy, not overloaded, while its running batch fills: aim at a full batch
+            # of guided requests (Ray's default of 2 would scale out at two requests)
+            opts["autoscaling_config"] = {
+                **auto,
+                "target_ongoing_requests": max(1, b["batch_sizes"][-1] // 2),
+            }
+        denoisers[b["name"]] = Denoiser.options(name=deployment_name(b["name"]), **opts).bind(
+            s.engines, b["name"], s.backend, s.device, s.batching, s.queue_size, board
+        )
+    ingress_opts = options(
+        "ingress", max_ongoing_requests=max(256, 4 * s.queue_size * len(buckets) + biggest)
+    )
+    return Ingress.options(**ingress_opts).bind(s.to_args(), text, denoisers, decoder, board)
