@@ -157,6 +157,9 @@ def measure(url: str, mode: str, concurrency: int, args, conditioning) -> dict:
     return row
 
 
+CONDITIONING_BODY_BYTES = 8 << 20
+
+
 def random_conditioning(engines: Path, seconds: float) -> dict | None:
     """None when the engines have a text encoder (prompts are sent); else random conditioning of
     the bucket's widths (random-weights exports have no text engine)."""
@@ -169,7 +172,10 @@ def random_conditioning(engines: Path, seconds: float) -> dict | None:
     shapes = {i["name"]: i["shape"] for i in inputs}
     rng = np.random.default_rng(0)
     gpt2 = rng.standard_normal((2, *shapes["encoder_hidden_states"][1:]), dtype=np.float32)
-    t5 = rng.standard_normal((2, *shapes["encoder_hidden_states_1"][1:]), dtype=np.float32)
+    _, text_len, t5_dim = shapes["encoder_hidden_states_1"]
+    # a prompt's length of T5 tokens (the server pads to the engine's): 2 x 16 x 1024 floats in JSON
+    # are ~0.7 MB, the full 128 would be ~5 MB (the local server takes CONDITIONING_BODY_BYTES)
+    t5 = rng.standard_normal((2, min(16, text_len), t5_dim), dtype=np.float32)
     return {"gpt2": gpt2.tolist(), "t5": t5.tolist(), "t5_mask": np.ones(t5.shape[:2], np.int32).tolist()}
 
 
@@ -198,7 +204,11 @@ class LocalServer:
         a = self.args
         queue = max(64, *a.concurrency)
         settings = dict(
-            engines=str(a.engines.resolve()), device=a.device, batching=batching, timeout_s=a.timeout
+            engines=str(a.engines.resolve()),
+            device=a.device,
+            batching=batching,
+            timeout_s=a.timeout,
+            max_body_bytes=CONDITIONING_BODY_BYTES,  # random-weight engines: conditioning in the body
         )
         serve.run(build_app({**settings, "queue_size": queue}), name="litefocus-bench", route_prefix="/")
 

@@ -138,8 +138,7 @@ def parse_manifest(path: Path) -> dict:
     version = manifest.get("schema_version")
     if type(version) is not int or version != SCHEMA_VERSION:
         raise ManifestError(
-            f"{path} has schema version {_short(version)}; this litefocus reads version {SCHEMA_VERSION}: "
-            "re-export with this version's litefocus-export"
+            f"{path} has schema version {_short(version)}; this litefocus reads version {SCHEMA_VERSION}; {FIX}"
         )
     from jsonschema.exceptions import best_match
 

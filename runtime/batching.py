@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from litefocus.engine.contract import GPT2_TOKENS
 from litefocus.runtime.noise_schedule import NoiseSchedule
 from litefocus.runtime.sampling import (
     Conditioning,
@@ -86,6 +87,13 @@ def new_slot(
         )
     if options.guided and contract.batch == 1:
         raise ValueError("this engine was exported with --batch 1 (no guidance): use guidance_scale=1")
+    widths = (cond.gpt2.shape[1:], cond.t5.shape[2])
+    if widths != ((GPT2_TOKENS, contract.gpt2_dim), contract.t5_dim):
+        raise ValueError(
+            f"conditioning has gpt2 {list(cond.gpt2.shape)} and t5 {list(cond.t5.shape)}; this engine takes "
+            f"gpt2 [{rows}, {GPT2_TOKENS}, {contract.gpt2_dim}] and t5 [{rows}, <= {contract.text_len}, "
+            f"{contract.t5_dim}]"
+        )
     cond = cond.padded(contract.text_len)
     seed = secrets.randbits(63) if options.seed is None else options.seed
     rng = np.random.default_rng(seed)
@@ -131,7 +139,7 @@ class BatchedUNet:
         self.contract = group[self.sizes[-1]].unet_contract  # the largest: new_slot checks guidance on it
         self.batching = batching
         self._calls: dict[int, UNetCall] = {}
-        self._composition: dict[int, tuple] = {}
+        self._composition: dict[int, list[Slot]] = {}  # size -> the slots whose conditioning is placed
         self.stats = {"calls": 0, "rows_used": 0, "rows_run": 0}
 
     @property
@@ -180,8 +188,9 @@ class BatchedUNet:
 
     def _unet(self, size: int, slots: list[Slot]) -> UNetCall:
         """The size's UNet call with these slots' conditioning placed (once per new composition)."""
-        composition = tuple(id(s) for s in slots)
-        if self._composition.get(size) != composition:
+        placed = self._composition.get(size)
+        if placed is None or len(placed) != len(slots) or any(a is not b for a, b in zip(placed, slots, strict=True)):
+            self._composition.pop(size, None)  # a failed placement is never taken for a good one
             cond = Conditioning(
                 *(
                     _pad(np.concatenate([getattr(s.cond, k) for s in slots]), size)
@@ -192,7 +201,7 @@ class BatchedUNet:
                 self._calls[size].set_conditioning(cond)
             else:
                 self._calls[size] = UNetCall(self.entries[size].unet, cond)
-            self._composition[size] = composition
+            self._composition[size] = list(slots)  # held: a new slot can never pass for a finished one
         return self._calls[size]
 
 

@@ -127,6 +127,19 @@ class Runtime:
             if name == self._primary(name)
         ]
 
+    def entry_for(self, name: str, rows: int) -> str:
+        """Of ``name``'s batch sizes, the entry of the smallest that holds ``rows`` (a single request
+        opens only that one)."""
+        names = self._group_names(name)
+        fits = [n for n in names if _batch(self.entries[n]) >= rows]
+        if not fits:
+            raise ValueError(
+                f"bucket {name} has no engine for {rows} rows (batch sizes "
+                f"{', '.join(str(_batch(self.entries[n])) for n in names)}): use guidance_scale=1, or "
+                "export --batch 2"
+            )
+        return min(fits, key=lambda n: _batch(self.entries[n]))
+
     def batch_group(self, name: str, modules=MODULES) -> dict[int, OpenEntry]:
         """Batch size -> opened entry, for every entry of ``name``'s bucket and precision
         (``modules=("unet",)``: a denoiser that never decodes opens no decode graphs)."""
@@ -212,9 +225,11 @@ class Runtime:
             raise ValueError(f"cond must be a litefocus.runtime.Conditioning, got {type(cond).__name__}")
         name = self.bucket_for(seconds)
         t0 = time.perf_counter()
-        group = self.batch_group(name)  # opened once per bucket: the first request pays for it
+        entry = self.open_entry(
+            self.entry_for(name, 2 if options.guided else 1)
+        )  # opened once: the first request pays
         opened = time.perf_counter() - t0
-        audio = generate_audio(group, cond, seconds, options, self.schedule, progress=progress, bucket=name)
+        audio = generate_audio(entry, cond, seconds, options, self.schedule, progress=progress, bucket=name)
         audio.timings["setup"] += opened
         return audio
 

@@ -97,6 +97,10 @@ class Conditioning:
             raise ValueError(
                 f"conditioning batch/length mismatch: {list(gpt2.shape)}, {list(t5.shape)}, {list(mask.shape)}"
             )
+        if not (np.isfinite(gpt2).all() and np.isfinite(t5).all()):
+            raise ValueError("conditioning holds NaN or infinity")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("t5_mask must hold only 0 (padding) and 1 (token)")
         object.__setattr__(self, "gpt2", gpt2.astype(np.float32, copy=False))
         object.__setattr__(self, "t5", t5.astype(np.float32, copy=False))
         object.__setattr__(self, "t5_mask", mask.astype(np.int32, copy=False))

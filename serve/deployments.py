@@ -136,8 +136,11 @@ class Denoiser:
         try:
             slot = new_slot(cond, options, self.unet.contract, self.runtime.schedule, self.bucket)
         except ValueError as e:
-            field = "guidance" if "guidance" in str(e) else "conditioning"
-            return {"status": 422, "error": str(e), "field": field}
+            text = str(e)
+            field = (
+                "steps" if text.startswith("steps") else "guidance" if "--batch 1" in text else "conditioning"
+            )
+            return {"status": 422, "error": text, "field": field}
         try:
             slot = await self.loop.run(slot)
         except QueueFull as e:

@@ -55,16 +55,17 @@ class ApiError(Exception):
 
 
 class ConditioningBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     gpt2: list[list[list[float]]]
     t5: list[list[list[float]]]
     t5_mask: list[list[int]]
 
 
 class GenerateRequest(BaseModel):
-    """``POST /v1/generate``. Types here; values are checked by the runtime's own rules."""
+    """``POST /v1/generate``. Types here (strict: ``true`` is not 1, ``"10"`` is not 10); values
+    are checked by the runtime's own rules."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str | None = None
     conditioning: ConditioningBody | None = None
     seconds: float

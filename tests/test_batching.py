@@ -136,3 +136,76 @@ def test_a_denoiser_and_a_decoder_open_only_their_graphs(engines):
         assert rt.open_entry(name).unet is group[2].unet  # each backend opened once
         with pytest.raises(ValueError, match="modules must name some of unet, decode"):
             rt.open_entry(name, ("vae",))
+
+
+def test_a_long_lived_batch_never_reuses_a_finished_requests_conditioning(rt):
+    """Requests join and leave one BatchedUNet for many steps (a serving denoiser's life): every
+    call carries exactly its slots' own conditioning rows, also when a finished slot's memory (and
+    id) goes to a new one."""
+    import gc
+
+    unet_c = rt.open_entry(rt.bucket_for(SECONDS)).unet_contract
+    calls = []
+
+    class Recorder:  # a UNet backend without IO binding that records its conditioning
+        contract = unet_c
+
+        def __call__(self, inputs):
+            calls.append(inputs["encoder_hidden_states"].copy())
+            return np.zeros(unet_c.shapes()["noise_pred"], np.float32)
+
+    from litefocus.runtime.engines import OpenEntry
+    from litefocus.runtime.sampling import Conditioning
+
+    unet = BatchedUNet({2: OpenEntry(Recorder(), None, unet_c, None)})
+    rng = np.random.default_rng()
+    d, length = unet_c.gpt2_dim, unet_c.text_len
+    for i in range(60):
+        gpt2 = np.full((1, 8, d), float(i), np.float32)  # each request's rows are marked with its number
+        cond = Conditioning(gpt2, rng.standard_normal((1, length, unet_c.t5_dim)), np.ones((1, length)))
+        slot = new_slot(
+            cond, GenerateOptions(steps=1 + i % 2, guidance_scale=1.0), unet.contract, rt.schedule
+        )
+        while not slot.done:
+            unet.step([slot])
+            assert calls[-1][0, 0, 0] == float(i)
+        del slot, cond
+        gc.collect()  # the finished slot's id is free for the next one
+    assert len(calls) == sum(1 + i % 2 for i in range(60))
+
+
+def test_conditioning_is_checked_against_the_engine(rt):
+    from litefocus.runtime.sampling import Conditioning
+
+    c = BatchedUNet(rt.batch_group(rt.bucket_for(SECONDS), modules=("unet",))).contract
+    good = rt.text_encoder()("a dog barks", None, guided=True)
+    options = GenerateOptions(steps=2)
+    wrong_width = Conditioning(good.gpt2[:, :, :-1], good.t5, good.t5_mask)
+    with pytest.raises(ValueError, match="this engine takes gpt2"):
+        new_slot(wrong_width, options, c, rt.schedule)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        Conditioning(good.gpt2 * np.nan, good.t5, good.t5_mask)
+    with pytest.raises(ValueError, match="only 0"):
+        Conditioning(good.gpt2, good.t5, good.t5_mask * 7)
+    assert new_slot(good, options, c, rt.schedule).rows == 2
+
+
+def test_a_single_request_opens_only_the_engine_that_holds_it(engines, monkeypatch):
+    import litefocus.runtime.runtime as runtime_module
+
+    opened = []
+    real = runtime_module.open_entry
+
+    def recording(engine_dir, name, *args):
+        opened.append(name)
+        return real(engine_dir, name, *args)
+
+    monkeypatch.setattr(runtime_module, "open_entry", recording)
+    with Runtime.load(engines, backend="onnxruntime") as rt:
+        rt.generate("a dog barks", SECONDS, steps=1, guidance_scale=1.0, progress=False)
+        rt.generate("a dog barks", SECONDS, steps=1, progress=False)
+        rt.generate("a dog barks", SECONDS, steps=1, progress=False)
+        assert opened == ["0p64s-fp32-b1", "0p64s-fp32"]  # the batch-4 engine is never opened
+        assert (
+            rt.entry_for("0p64s-fp32", 2) == "0p64s-fp32" and rt.entry_for("0p64s-fp32", 1) == "0p64s-fp32-b1"
+        )
