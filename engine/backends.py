@@ -31,13 +31,18 @@ def parse_device(device: str | None) -> tuple[str, int]:
     raise ValueError(f"device {text!r} is not one of cpu, cuda, cuda:N (N a GPU index such as 0)")
 
 
-def onnxruntime_providers(prefer_cuda: bool = True, device_id: int = 0) -> list:
-    """CUDA EP (on ``device_id``) when asked for and installed, then the CPU EP."""
+def onnxruntime_providers(prefer_cuda: bool = True, device_id: int = 0, precision: str = "fp32") -> list:
+    """CUDA EP (on ``device_id``) when asked for and installed, then the CPU EP. An fp32 graph runs
+    in full fp32 on the CUDA EP, whose default is TF32 for matmuls and convolutions (10-bit
+    mantissas: ~1e-3 relative, which fails fp32 validation and makes fp32 engines differ from the
+    CPU); fp16 graphs are unaffected."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    cuda = prefer_cuda and "CUDAExecutionProvider" in available
-    return ([("CUDAExecutionProvider", {"device_id": device_id})] if cuda else []) + ["CPUExecutionProvider"]
+    if not (prefer_cuda and "CUDAExecutionProvider" in available):
+        return ["CPUExecutionProvider"]
+    options = {"device_id": device_id, **({"use_tf32": 0} if precision == "fp32" else {})}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def open_session(onnx_path: Path, providers: list | None = None):
@@ -130,7 +135,8 @@ def load_session(onnx_path: Path, contract, device: str = "cpu", data_path: Path
     contract's. Every failure is one ValueError line naming the fix."""
     kind, index = parse_device(device)
     onnx_path = Path(onnx_path)
-    providers = onnxruntime_providers(prefer_cuda=kind == "cuda", device_id=index)
+    precision = getattr(contract, "precision", "fp32")
+    providers = onnxruntime_providers(prefer_cuda=kind == "cuda", device_id=index, precision=precision)
     if kind == "cuda" and len(providers) == 1:
         raise ValueError(
             f"device {device!r}: this onnxruntime has no CUDA execution provider; install onnxruntime-gpu in "

@@ -7,6 +7,7 @@ the tolerance of the precision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from litefocus.engine.backends import open_session
+from litefocus.engine.backends import onnxruntime_providers, open_session
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,18 @@ def within_tolerance(result: dict[str, float], tol: float) -> bool:
     return result["max_rel_rms"] <= tol or result["max_abs"] <= result.get("resolution_abs", 0.0)
 
 
+@contextlib.contextmanager
+def full_fp32(on: bool):
+    """PyTorch's reference in full fp32 on a GPU: cuDNN convolutions default to TF32 there."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if on:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def validate(
     onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 1, providers=None, device="cpu"
 ) -> dict:
@@ -72,7 +85,7 @@ def validate(
     Returns {"provider", "seed", "tolerance", "outputs": {name: {max_abs, max_rel_rms, ref_rms}}}.
     """
     inputs = contract.sample_inputs(seed)
-    session = open_session(onnx_path, providers)
+    session = open_session(onnx_path, providers or onnxruntime_providers(precision=contract.precision))
     graph_outputs = [(o.name, list(o.shape), o.type) for o in session.get_outputs()]
     want_outputs = [(s.name, list(s.shape), f"tensor({_ORT_TYPES[s.dtype]})") for s in contract.outputs]
     if graph_outputs != want_outputs:
@@ -81,7 +94,7 @@ def validate(
         )
     feeds = {name: inputs[name].numpy() for name in contract.input_names}
     got = session.run(contract.output_names, feeds)
-    with torch.no_grad():
+    with torch.no_grad(), full_fp32(contract.precision == "fp32"):
         want = module(*(inputs[name].to(device) for name in contract.input_names))
     want = [want] if isinstance(want, torch.Tensor) else list(want)
     want = [w.float().cpu() for w in want]

@@ -368,3 +368,19 @@ def test_open_entry_by_name(runtime_on):
     assert runtime_on.open_entry(name)[0] is unet  # opened once
     with pytest.raises(ValueError, match=r"no entry '99s-fp16'; it has"):
         runtime_on.open_entry("99s-fp16")
+
+
+def test_fp32_graphs_run_without_tf32_on_the_cuda_ep(monkeypatch):
+    """ONNX Runtime's CUDA EP computes fp32 in TF32 by default (measured on an H200: a tiny fp32 UNet
+    failed validation at 1.3e-3 of its RMS): fp32 graphs ask for use_tf32=0, fp16 ones keep it."""
+    import onnxruntime as ort
+
+    from litefocus.engine.backends import onnxruntime_providers
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    fp32 = onnxruntime_providers(device_id=1, precision="fp32")
+    assert fp32 == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]
+    assert onnxruntime_providers(precision="fp16")[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert onnxruntime_providers(prefer_cuda=False) == ["CPUExecutionProvider"]

@@ -9,6 +9,8 @@
 #   A      PyTorch fp16: eager at 10-160 s, torch.compile + CUDA graphs at 80 s, <= 6 minutes
 #   A2     PyTorch fp16: torch.compile (default mode) at 80 s, <= 5 minutes
 #   B      the fp16 export of the 80 s bucket + ONNX Runtime CUDA EP rows, once every part is there
+#   check  step-level batching on the CUDA EP equals requests run alone (bench/gpu/batching_check.py;
+#          tiny model, about a minute), once every onnxruntime-gpu part is there
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 
@@ -56,6 +58,7 @@ dry_run() {
   check_list
   check_fetched
   bash -n bench/gpu/run.sh bench/gpu/fetch-wheels.sh || die "syntax error in bench/gpu/*.sh"
+  "$PY" -m py_compile bench/gpu/batching_check.py || die "bench/gpu/batching_check.py does not compile"
   local out=${OUT:-}
   DRY_TMP=$(mktemp -d) || die "cannot make a temporary directory"
   trap 'rm -rf "$DRY_TMP"' EXIT
@@ -126,7 +129,13 @@ for step in "$@"; do
     A|A2) [ -n "$installed" ] || { install_base; installed=1; }; phase "$step" || rc=1 ;;
     B) [ -n "$installed" ] || { install_base; installed=1; }
        if install_ort; then phase B || rc=1; fi ;;
-    *) die "unknown step '$step'; use --dry-run, stash, A, A2 or B" ;;
+    check) [ -n "$installed" ] || { install_base; installed=1; }
+       if install_ort; then
+         mkdir -p "$OUT"
+         "$PY" bench/gpu/batching_check.py --out "$OUT" > "$OUT/check.log" 2>&1 || rc=1
+         tail -3 "$OUT/check.log"
+       fi ;;
+    *) die "unknown step '$step'; use --dry-run, stash, A, A2, B or check" ;;
   esac
 done
 exit $rc
