@@ -110,6 +110,12 @@ def new_slot(
     return Slot(cond, options.guidance_scale, sampler, latents, rng, seed, index_specs=index_specs(contract))
 
 
+def capacity(sizes: list[int], batching: bool) -> int:
+    """The most rows one call takes, given the exported batch sizes (without batching: one request,
+    at most 2 rows)."""
+    return max(sizes) if batching else min(2, max(sizes))
+
+
 def pack(slots: list[Slot], sizes: list[int], batching: bool) -> list[list[Slot]]:
     """Slots -> calls: greedy, in order, each call's rows within the largest size (one slot per call
     without batching)."""
@@ -144,8 +150,7 @@ class BatchedUNet:
 
     @property
     def capacity(self) -> int:
-        """The most rows one call takes (without batching: one request, at most 2 rows)."""
-        return self.sizes[-1] if self.batching else min(2, self.sizes[-1])
+        return capacity(self.sizes, self.batching)
 
     def size_for(self, rows: int) -> int:
         for size in self.sizes:
@@ -189,7 +194,11 @@ class BatchedUNet:
     def _unet(self, size: int, slots: list[Slot]) -> UNetCall:
         """The size's UNet call with these slots' conditioning placed (once per new composition)."""
         placed = self._composition.get(size)
-        if placed is None or len(placed) != len(slots) or any(a is not b for a, b in zip(placed, slots, strict=True)):
+        if (
+            placed is None
+            or len(placed) != len(slots)
+            or any(a is not b for a, b in zip(placed, slots, strict=True))
+        ):
             self._composition.pop(size, None)  # a failed placement is never taken for a good one
             cond = Conditioning(
                 *(

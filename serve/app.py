@@ -30,6 +30,7 @@ from ray.serve.exceptions import (
 
 from litefocus.engine.contract import SAMPLE_RATE
 from litefocus.runtime import Runtime
+from litefocus.runtime.batching import capacity
 from litefocus.serve.deployments import Decoder, Denoiser, StatsBoard, TextConditioner
 from litefocus.serve.http import (
     ApiError,
@@ -84,10 +85,7 @@ class Ingress:
     @api.get("/v1/engines")
     async def engines(self) -> dict:
         s = self.settings
-        rows = [
-            {**b, "max_rows": b["batch_sizes"][-1] if s.batching else min(2, b["batch_sizes"][-1])}
-            for b in self.buckets
-        ]
+        rows = [{**b, "max_rows": capacity(b["batch_sizes"], s.batching)} for b in self.buckets]
         limits = {
             "max_seconds": self.max_seconds,
             "max_steps": s.max_steps,

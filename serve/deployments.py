@@ -149,17 +149,6 @@ class Denoiser:
             return {"status": 422, "error": str(e), "field": "guidance"}
         return {"latents": slot.latents, "seed": slot.seed, "steps": slot.steps}
 
-    def info(self) -> dict:
-        c = self.unet.contract
-        return {
-            "name": self.bucket,
-            "seconds": c.bucket.exact_seconds,
-            "batch_sizes": list(self.unet.sizes),
-            "max_rows": self.loop.capacity,
-            "batching": self.batching,
-            "queue_size": self.loop.queue_size,
-        }
-
     def stats(self) -> dict:
         return {"bucket": self.bucket, "replica": self.replica, **self.loop.stats.to_dict()}
 
