@@ -235,7 +235,7 @@ class Runtime:
 
 
 def generate_audio(
-    entries: OpenEntry | dict[int, OpenEntry],
+    entry: OpenEntry,
     cond: Conditioning,
     seconds: float,
     options: GenerateOptions,
@@ -245,18 +245,16 @@ def generate_audio(
     bucket: str = "",
 ) -> Audio:
     """One request alone: the sampling loop + decode on one bucket's opened backends (Runtime's
-    generation, and the benchmark's on any backend). ``entries``: one opened entry, or a bucket's
-    batch group (the smallest batch that holds the request runs it). ``cond``: [uncond, cond] when
-    guided, else one row; any T5 length <= the engine's. The same slot code as a served batch."""
+    generation, and the benchmark's on any backend). ``cond``: [uncond, cond] when guided, else one
+    row; any T5 length <= the engine's. The same slot code as a served batch."""
     t0 = time.perf_counter()
-    group = {entries.unet_contract.batch: entries} if isinstance(entries, OpenEntry) else entries
-    unet = BatchedUNet(group)
+    unet = BatchedUNet({entry.unet_contract.batch: entry})
     slot = new_slot(cond, options, unet.contract, schedule, bucket)
     t1 = time.perf_counter()
     for _ in tqdm(range(slot.steps), desc="denoise", disable=not progress, leave=False):
         unet.step([slot])
     t2 = time.perf_counter()
-    wave = decode_waveform(group[min(group)].decode, slot.latents, seconds)
+    wave = decode_waveform(entry.decode, slot.latents, seconds)
     t3 = time.perf_counter()
     return Audio(
         waveform=wave,

@@ -33,13 +33,9 @@ class Scaling:
         return self.max_replicas is not None
 
     def options(self) -> dict:
-        """Ray Serve deployment options."""
-        if not self.autoscaling:
-            return {"num_replicas": self.replicas}
-        config = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas}
-        if self.target_ongoing_requests is not None:
-            config["target_ongoing_requests"] = self.target_ongoing_requests
-        return {"autoscaling_config": config}
+        """Ray Serve deployment options: the same numbers as ``to_dict``, under Serve's names."""
+        config = self.to_dict()
+        return {"autoscaling_config": config} if self.autoscaling else {"num_replicas": config["replicas"]}
 
     def to_dict(self) -> dict:
         if not self.autoscaling:
