@@ -22,6 +22,12 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16"}
 # decode of 80 s: 4.4e-4 overall), an error far below audibility.
 TOLERANCES = {"unet": {"fp32": 1e-4, "fp16": 2e-2}, "decode": {"fp32": 1e-3, "fp16": 2e-2}}
 GPT2_TOKENS = 8  # AudioLDM2's language model generates 8 conditioning tokens
+# How a graph's attention is expressed (recorded per module in the manifest):
+#   "fused": ONNX Runtime's com.microsoft.MultiHeadAttention (tiled; ONNX Runtime only),
+#   "plain": MatMul-Softmax-MatMul (any ONNX runtime; TensorRT fuses it itself).
+ATTENTION_FORMS = ("fused", "plain")
+FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP = "com.microsoft", "MultiHeadAttention"
+
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked
 __all__ = ["MAX_SECONDS", "SAMPLE_RATE", "Bucket", "LiteFocusConfig"]  # re-exported for the runtime
 
@@ -170,31 +176,69 @@ class UNetContract(_Contract):
 
 @dataclass(frozen=True)
 class DecodeContract(_Contract):
-    """VAE decoder + vocoder for one bucket: waveform = vocoder(vae.decode(latent / scaling_factor))."""
+    """VAE decoder + vocoder for one bucket: waveform = vocoder(vae.decode(latent / scaling_factor)).
+
+    ``window_frames``: time-chunked decode (an export option, never on by itself): the graph takes
+    windows of this many latent frames, and the bucket's latent is decoded window by window with
+    ``overlap_frames`` of cross-fade between neighbours (``litefocus.engine.chunking``).
+    """
 
     module: ClassVar[str] = "decode"
     bucket: Bucket
     batch: int = 1
     precision: str = "fp32"
+    window_frames: int | None = None
+    overlap_frames: int = 0
 
     def __post_init__(self) -> None:
         _check_precision(self.precision)
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise ValueError(f"DecodeContract.batch must be a positive int, got {self.batch!r}")
+        if self.window_frames is None:
+            if self.overlap_frames:
+                raise ValueError("DecodeContract.overlap_frames needs window_frames")
+            return
+        w, o = self.window_frames, self.overlap_frames
+        for name, v in (("window_frames", w), ("overlap_frames", o)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"DecodeContract.{name} must be an int, got {v!r}")
+        if not 1 <= w < self.bucket.frames:
+            raise ValueError(
+                f"DecodeContract.window_frames must be in 1..{self.bucket.frames - 1} (shorter than the "
+                f"bucket), got {w}"
+            )
+        if not 0 <= 2 * o < w:
+            raise ValueError(f"DecodeContract.overlap_frames must be in 0..{(w - 1) // 2}, got {o}")
+
+    @property
+    def graph_frames(self) -> int:
+        """Latent frames the graph takes: the window's, or the whole bucket's."""
+        return self.window_frames or self.bucket.frames
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.bucket.samples // self.bucket.frames
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return (
             TensorSpec(
                 "latent",
-                (self.batch, LATENT_CHANNELS, self.bucket.frames, LATENT_FREQ_BINS),
+                (self.batch, LATENT_CHANNELS, self.graph_frames, LATENT_FREQ_BINS),
                 PRECISIONS[self.precision],
             ),
         )
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec("waveform", (self.batch, self.bucket.samples), PRECISIONS[self.precision]),)
+        samples = self.graph_frames * self.samples_per_frame
+        return (TensorSpec("waveform", (self.batch, samples), PRECISIONS[self.precision]),)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.window_frames is not None:
+            d.update(window_frames=self.window_frames, overlap_frames=self.overlap_frames)
+        return d
 
     def sample_inputs(self, seed: int = 0) -> dict:
         import torch

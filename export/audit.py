@@ -3,9 +3,11 @@
 After ``onnx.checker`` and shape inference the audit fails the export if
   * any tensor dimension is symbolic or unknown (engines are one static shape per bucket),
   * any op is random or has a data-dependent output shape,
-  * any op is outside the TensorRT ONNX parser's supported-operator list,
-  * the attention at the LiteFocus level is not sparse: each attention softmax there must have
-    key length T_level + S, and none may have the full N x N shape.
+  * any op is outside the TensorRT ONNX parser's supported-operator list (a graph of the fused
+    form may also hold ONNX Runtime's com.microsoft.MultiHeadAttention: it is not for TensorRT),
+  * the attention at the LiteFocus level is not sparse: each attention there (a softmax of the
+    plain form, a fused node's query and key lengths) must have key length T_level + S, and none
+    may have the full N x N shape.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+
+from litefocus.engine.contract import ATTENTION_FORMS as FORMS
+from litefocus.engine.contract import FUSED_ATTENTION_DOMAIN as CONTRIB_DOMAIN
+from litefocus.engine.contract import FUSED_ATTENTION_OP as FUSED_OP
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +209,16 @@ class AttentionExpectation:
 class AuditReport:
     ops: dict[str, int] = field(default_factory=dict)
     nodes: int = 0
-    attention_shapes: dict[str, int] = field(default_factory=dict)  # "q x k" -> count of softmaxes
+    attention_shapes: dict[str, int] = field(default_factory=dict)  # "q x k" -> count of attentions
+    attention_form: str = "plain"
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
             "nodes": self.nodes,
             "ops": self.ops,
-            "attention_softmax_shapes": self.attention_shapes,
+            "attention_form": self.attention_form,
+            "attention_shapes": self.attention_shapes,
             "trt_ops_source": TRT_OPS_SOURCE,
         }
 
@@ -238,13 +246,41 @@ def inspect_graph(onnx_path: Path) -> tuple[onnx.ModelProto, AuditReport]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     report = AuditReport(nodes=len(inferred.graph.node))
-    report.ops = dict(sorted(Counter(n.op_type for n in inferred.graph.node).items()))
+    report.ops = dict(sorted(Counter(_op_name(n) for n in inferred.graph.node).items()))
     return inferred, report
 
 
-def audit_graph(onnx_path: Path, attention: tuple[AttentionExpectation, ...] = ()) -> AuditReport:
-    """Run every check; raise AuditError listing all problems, or return the report."""
+def _op_name(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def attention_shapes(graph: onnx.GraphProto, known: dict) -> Counter:
+    """(query_len, key_len) -> count, over plain attention softmaxes and fused attention nodes."""
+    shapes = Counter()
+    for node in graph.node:
+        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.input[0] in known:
+            dims = _static_dims(known[node.input[0]])
+            if dims and len(dims) >= 2:
+                shapes[dims[-2:]] += 1
+        elif (node.domain, node.op_type) == (CONTRIB_DOMAIN, FUSED_OP):
+            q, k = (known.get(name) for name in node.input[:2])
+            q_dims, k_dims = (None if vi is None else _static_dims(vi) for vi in (q, k))
+            if q_dims and k_dims:  # q: [B, Lq, M*D], k: [B, Lk, M*D]
+                shapes[q_dims[1], k_dims[1]] += 1
+    return shapes
+
+
+def audit_graph(
+    onnx_path: Path, attention: tuple[AttentionExpectation, ...] = (), form: str = "plain"
+) -> AuditReport:
+    """Run every check; raise AuditError listing all problems, or return the report.
+
+    ``form``: "plain" (MatMul-Softmax-MatMul, TensorRT-ready) or "fused" (ONNX Runtime's fused op)."""
+    if form not in FORMS:
+        raise ValueError(f"attention form must be one of {', '.join(FORMS)}, got {form!r}")
     model, report = inspect_graph(onnx_path)
+    report.attention_form = form
+    allowed = TRT_SUPPORTED_OPS | ({f"{CONTRIB_DOMAIN}.{FUSED_OP}"} if form == "fused" else set())
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     values = [*graph.input, *graph.output, *graph.value_info]
@@ -261,22 +297,20 @@ def audit_graph(onnx_path: Path, attention: tuple[AttentionExpectation, ...] = (
         report.problems.append(f"random op {op} in the graph (engines must be deterministic)")
     for op in sorted(set(report.ops) & DATA_DEPENDENT_OPS):
         report.problems.append(f"op {op} has data-dependent shapes or control flow")
-    for op in sorted(set(report.ops) - TRT_SUPPORTED_OPS - RANDOM_OPS - DATA_DEPENDENT_OPS):
+    for op in sorted(set(report.ops) - allowed - RANDOM_OPS - DATA_DEPENDENT_OPS):
         report.problems.append(f"op {op} is not supported by the {TRT_OPS_SOURCE}")
+    fused = report.ops.get(f"{CONTRIB_DOMAIN}.{FUSED_OP}", 0)
+    if form == "plain" and fused:
+        report.problems.append(f"{fused} fused attention node(s) in a graph of the plain form")
 
-    shapes = Counter()
-    for node in graph.node:
-        if node.op_type == "Softmax" and node.input[0] in known:
-            dims = _static_dims(known[node.input[0]])
-            if dims and len(dims) >= 2:
-                shapes[dims[-2:]] += 1
+    shapes = attention_shapes(graph, known)
     report.attention_shapes = {f"{q}x{k}": c for (q, k), c in sorted(shapes.items())}
     for exp in attention:
         qk = (exp.query_len, exp.key_len)
         if shapes[qk] != exp.layers:
             report.problems.append(
-                f"expected {exp.layers} attention softmaxes of shape {qk[0]}x{qk[1]}, found {shapes[qk]} "
-                f"(softmax shapes in the graph: {report.attention_shapes})"
+                f"expected {exp.layers} attentions of shape {qk[0]}x{qk[1]}, found {shapes[qk]} "
+                f"(attention shapes in the graph: {report.attention_shapes})"
             )
         full = (exp.forbid_len, exp.forbid_len)
         if exp.forbid_len and shapes[full]:

@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: TensorRT where it is installed and a GPU exists, else ONNX",
     )
     p.add_argument(
+        "--attention",
+        choices=["auto", "fused", "plain"],
+        default="auto",
+        help="how the graphs express attention. fused: ONNX Runtime's MultiHeadAttention (tiled: memory "
+        "linear in length); plain: MatMul-Softmax-MatMul (holds every score matrix). auto: fused, or plain "
+        "with --backend tensorrt (TensorRT fuses attention itself)",
+    )
+    p.add_argument(
+        "--decode-window",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time-chunked decode for buckets longer than this: the decode graph takes windows of SECONDS "
+        "(a quarter overlapping, cross-faded) instead of the whole latent. Not exact: its error against "
+        "the full decode is measured and recorded. Default: off (full decode)",
+    )
+    p.add_argument(
         "--precision",
         choices=["fp32", "fp16"],
         default="fp16" if gpu else "fp32",
@@ -125,6 +142,11 @@ def options_from_args(args: argparse.Namespace):
     for value in args.batch:
         if not 1 <= value <= MAX_BATCH:
             raise UsageError(f"--batch {value}: each batch size must be in 1..{MAX_BATCH}")
+    if args.decode_window is not None:
+        try:
+            check_seconds(str(args.decode_window))
+        except ValueError as e:
+            raise UsageError(f"--decode-window {args.decode_window:g}: {e}") from None
     if args.text_len < 1:
         raise UsageError(f"--text-len must be >= 1, got {args.text_len}")
     config = None
@@ -165,6 +187,8 @@ def options_from_args(args: argparse.Namespace):
         quiet=args.quiet,
         device=device,
         text=not args.no_text,
+        attention=args.attention,
+        decode_window=args.decode_window,
     )
 
 
@@ -208,7 +232,7 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from litefocus.export.audit import AuditError
-    from litefocus.export.pipeline import export_engines, resolve_backend
+    from litefocus.export.pipeline import export_engines, resolve_attention, resolve_backend
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.export.validate import ValidationError
 
@@ -219,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         opts = options_from_args(args)
-        opts = dataclasses.replace(opts, backend=resolve_backend(opts.backend))
+        backend = resolve_backend(opts.backend)
+        opts = dataclasses.replace(opts, backend=backend, attention=resolve_attention(opts.attention, backend))
         manifest, rows = export_engines(opts)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)

@@ -67,10 +67,10 @@ def check_decode_contract(vae, vocoder, contract: DecodeContract) -> None:
             f"{hop}-sample mel hop"
         )
     (spec,) = contract.outputs
-    got = decoded_samples(vae, vocoder, contract.bucket.frames)
+    got = decoded_samples(vae, vocoder, contract.graph_frames)
     if got < spec.shape[1]:
         problems.append(
-            f"the decoder yields {got} samples for {contract.bucket.frames} latent frames, the "
+            f"the decoder yields {got} samples for {contract.graph_frames} latent frames, the "
             f"contract needs {spec.shape[1]}"
         )
     for name, model in (("VAE", vae), ("vocoder", vocoder)):
@@ -107,3 +107,38 @@ class DecodeModule(torch.nn.Module):
         if self.samples is not None:
             waveform = waveform[:, : self.samples]  # [B, samples]
         return waveform
+
+
+def chunking_error(vae, vocoder, contract: DecodeContract, seed: int = 0) -> dict:
+    """The time-chunked decode of ``contract`` (PyTorch, window by window) against the full decode of
+    the bucket, on one seeded latent: max |error| and RMS error relative to the full waveform's RMS."""
+    import time
+
+    import numpy as np
+
+    from litefocus.engine.chunking import decode_chunked
+
+    assert contract.window_frames is not None, "chunking_error needs a windowed DecodeContract"
+    t0 = time.perf_counter()
+    full_contract = DecodeContract(contract.bucket, batch=contract.batch, precision=contract.precision)
+    latent = full_contract.sample_inputs(seed)["latent"].to(next(vae.parameters()).device)
+    window = DecodeModule.for_contract(vae, vocoder, contract).eval()
+    with torch.no_grad():
+        full = DecodeModule.for_contract(vae, vocoder, full_contract).eval()(latent).float().cpu().numpy()
+        chunked = decode_chunked(
+            lambda x: window(torch.from_numpy(x).to(latent.device)).float().cpu().numpy(),
+            latent.cpu().numpy(),
+            contract.window_frames,
+            contract.overlap_frames,
+            contract.samples_per_frame,
+        )
+    rms = float(np.sqrt(np.mean(full.astype(np.float64) ** 2))) or 1.0
+    diff = chunked.astype(np.float64) - full
+    return {
+        "window_frames": contract.window_frames,
+        "overlap_frames": contract.overlap_frames,
+        "max_rel_rms_vs_full": float(np.abs(diff).max() / rms),
+        "rms_rel_vs_full": float(np.sqrt(np.mean(diff**2)) / rms),
+        "seed": seed,
+        "seconds": time.perf_counter() - t0,
+    }

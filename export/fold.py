@@ -84,6 +84,10 @@ def fold_static_shapes(model: onnx.ModelProto, max_rounds: int = 50) -> onnx.Mod
         new_nodes, folded = [], 0
         for node in graph.node:
             replacement = None
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in consts:
+                new_nodes += _inline_branch(node, bool(np.asarray(consts[node.input[0]]).item()))
+                folded += 1
+                continue
             if node.op_type == "Shape" and node.input[0] in shapes:
                 replacement = [_shape_value(node, shapes[node.input[0]])]
             elif (
@@ -111,12 +115,34 @@ def fold_static_shapes(model: onnx.ModelProto, max_rounds: int = 50) -> onnx.Mod
         del graph.node[:]
         graph.node.extend(new_nodes)
         total += folded
-    _drop_unused(graph)
+    drop_unused(graph)
     logger.info("folded %d shape nodes", total)
     return model
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def _inline_branch(node: onnx.NodeProto, condition: bool) -> list[onnx.NodeProto]:
+    """An ``If`` whose condition is a constant, replaced by the nodes of the branch it takes (the
+    tracer emits one for ``squeeze(dim)`` where it lost a shape: past a fused attention node)."""
+    attrs = {a.name: a.g for a in node.attribute}
+    branch = attrs["then_branch" if condition else "else_branch"]
+    nodes = list(branch.node)
+    for inner, outer in zip(branch.output, node.output, strict=True):
+        nodes.append(helper.make_node("Identity", [inner.name], [outer]))
+    return nodes
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If / Loop / Scan bodies) read from the enclosing graph."""
+    names = set()
+    for attr in node.attribute:
+        for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in g.node:
+                names.update(i for i in inner.input if i)
+                names |= _subgraph_inputs(inner)
+    return names
+
+
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing consumes (dead shape arithmetic after folding)."""
     needed = {o.name for o in graph.output}
     kept = []
@@ -124,6 +150,7 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
         if set(node.output) & needed:
             kept.append(node)
             needed.update(i for i in node.input if i)
+            needed |= _subgraph_inputs(node)
     del graph.node[:]
     graph.node.extend(reversed(kept))
     inits = [i for i in graph.initializer if i.name in needed]

@@ -18,7 +18,8 @@ import torch
 from litefocus.buckets import LATENT_FREQ_BINS, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine.contract import UNetContract, index_input_name
-from litefocus.export.fold import fold_static_shapes
+from litefocus.export.fold import drop_unused, fold_static_shapes
+from litefocus.export.fused import finish_fused_graph
 from litefocus.installer import self_attention_freq_bins
 
 logger = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ def export_onnx(
     )
     del model
     shutil.rmtree(raw_dir)
-    graph = onnx.load(str(onnx_path), load_external_data=False)
-    onnx.save_model(fold_static_shapes(graph), str(onnx_path))
+    graph = fold_static_shapes(onnx.load(str(onnx_path), load_external_data=False))
+    if finish_fused_graph(graph):
+        drop_unused(graph.graph)  # the pass-throughs' shape constants
+    onnx.save_model(graph, str(onnx_path))
     data = onnx_path.parent / data_name
     logger.info("exported %s (%.1f MB weights)", onnx_path.name, data.stat().st_size / 2**20)
     return onnx_path, data

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fcntl
 import functools
 import json
@@ -28,8 +29,9 @@ import litefocus
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
-from litefocus.engine.contract import DecodeContract, UNetContract
+from litefocus.engine.contract import ATTENTION_FORMS, DecodeContract, UNetContract
 from litefocus.export.audit import AttentionExpectation, audit_graph
+from litefocus.export.fused import fused_attention
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
 from litefocus.installer import self_attention_freq_bins
@@ -58,6 +60,8 @@ class ExportOptions:
     quiet: bool = False
     device: str = "cpu"  # where the PyTorch modules are traced and run for validation (fp16: cuda)
     text: bool = True  # export the text-conditioning engine (when the model has text encoders)
+    attention: str = "auto"  # resolved: "fused" (ONNX Runtime) or "plain" (see resolve_attention)
+    decode_window: float | None = None  # seconds: longer buckets decode in windows (time-chunked)
 
 
 def resolve_backend(backend: str) -> str:
@@ -72,6 +76,20 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto" and tensorrt_available() and torch.cuda.is_available():
         return "tensorrt"
     return "onnx"
+
+
+def resolve_attention(attention: str, backend: str) -> str:
+    """auto -> fused for ONNX Runtime engines, plain for TensorRT (its parser takes no contrib ops)."""
+    if attention not in ("auto", *ATTENTION_FORMS):
+        raise ValueError(f"attention must be auto, {' or '.join(ATTENTION_FORMS)}, got {attention!r}")
+    if attention == "auto":
+        return "plain" if backend == "tensorrt" else "fused"
+    if attention == "fused" and backend == "tensorrt":
+        raise ValueError(
+            "--attention fused: the TensorRT parser does not take ONNX Runtime's fused attention op; use "
+            "--attention plain (or auto) with --backend tensorrt"
+        )
+    return attention
 
 
 class Components:
@@ -155,6 +173,21 @@ class Components:
             return {"source": source, "text_sha256": digest}
         return {"source": source, "weights_sha256": self.weights_identity()["weights_sha256"]}
 
+    def chunking_error(self, contract: DecodeContract) -> dict:
+        from litefocus.export.decode import chunking_error
+
+        _, _, vae, vocoder = self.models()
+        result = chunking_error(vae, vocoder, contract)
+        logger.info(
+            "%s: time-chunked decode (window %d frames, overlap %d) vs full: max %.2e, RMS %.2e of the RMS",
+            contract.bucket.name,
+            contract.window_frames,
+            contract.overlap_frames,
+            result["max_rel_rms_vs_full"],
+            result["rms_rel_vs_full"],
+        )
+        return result
+
     def decode(self, contract: DecodeContract):
         from litefocus.export.decode import DecodeModule
 
@@ -226,21 +259,37 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket, batch: int) -
             "batch": batch,
             "text_len": opts.text_len,
             "precision": opts.precision,
+            "attention": opts.attention,
+            "decode_window": opts.decode_window,
         }
     )
 
 
-def _module_stages(name, label, module, contract, out_dir, entry, attention, backend, bar) -> dict:
+def decode_contract(bucket: Bucket, opts: ExportOptions) -> DecodeContract:
+    """Batch 1 (one request at a time); time-chunked when ``opts.decode_window`` is shorter than the
+    bucket: windows of that length overlapping by a quarter of it."""
+    window = None if opts.decode_window is None else Bucket.for_seconds(opts.decode_window).frames
+    if window is None or window >= bucket.frames:
+        return DecodeContract(bucket, batch=1, precision=opts.precision)
+    return DecodeContract(
+        bucket, batch=1, precision=opts.precision, window_frames=window, overlap_frames=window // 4
+    )
+
+
+def _module_stages(name, label, module, contract, out_dir, entry, attention, opts, bar) -> dict:
     """export -> audit -> validate -> build for one module into ``out_dir`` (renamed to ``entry`` later);
-    returns its manifest record."""
+    returns its manifest record. The graph is traced with ``opts.attention``'s form; validation runs
+    the module as it is (PyTorch's own attention) against it."""
+    backend, form = opts.backend, opts.attention
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
     device = next(module.parameters()).device
-    graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device)
+    with fused_attention(module) if form == "fused" else contextlib.nullcontext():
+        graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device)
     export_s = time.perf_counter() - t0
     bar.update()
     bar.set_postfix_str(f"{name}: audit")
-    audit = audit_graph(graph, attention)
+    audit = audit_graph(graph, attention, form)
     bar.update()
     bar.set_postfix_str(f"{name}: validate")
     t1 = time.perf_counter()
@@ -250,6 +299,7 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, bac
     files = {"onnx": mf.file_record(graph, entry), "data": mf.file_record(data, entry)}
     record = {
         "contract": contract.to_dict(),
+        "attention": form,
         "audit": audit.to_dict(),
         "validation": validation,
         "export_seconds": export_s,
@@ -345,9 +395,11 @@ def _install_entry(out: Path, name: str, tmp: Path) -> None:
 
 def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     """Export every bucket of ``opts``; returns (manifest, one summary row per entry)."""
+    opts = dataclasses.replace(opts, attention=resolve_attention(opts.attention, opts.backend))
     out = Path(opts.out)
     _prepare_out(out)
     components = Components(opts)
+    _check_memory(opts, components)
     config = None if opts.litefocus is None else opts.litefocus.to_dict()
     with _locked(out):
         _check_out(out)  # again, under the lock: another export may have written meanwhile
@@ -363,6 +415,17 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         if text:
             _export_text(out, opts, components, manifest)
         return manifest, rows
+
+
+def _check_memory(opts: ExportOptions, components: Components) -> None:
+    """Refuse up front (ValueError: exit 2) buckets whose export would not fit in memory here."""
+    from litefocus.export.memory import check_export_memory
+
+    if opts.attention != "fused":  # plain graphs hold quadratic score matrices: not modelled
+        return
+    unet, _, vae, vocoder = components.models()
+    params = sum(p.numel() for m in (unet, vae, vocoder) for p in m.parameters())
+    check_export_memory(opts.seconds, opts.precision, opts.decode_window, opts.device, params)
 
 
 @contextlib.contextmanager
@@ -459,18 +522,20 @@ def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar,
             tmp,
             name,
             attention_expectations(bucket, opts.litefocus, layer_bins),
-            opts.backend,
+            opts,
             bar,
         )
         bar.set_description(f"{name} decode")
-        decode = DecodeContract(bucket, batch=1, precision=opts.precision)  # one request at a time
+        decode = decode_contract(bucket, opts)
         if sibling is not None:
             decode_rec = _copy_module(out, manifest["entries"][sibling]["modules"]["decode"], tmp, name)
             bar.update(STAGES_PER_MODULE)
         else:
             decode_rec = _module_stages(
-                "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts.backend, bar
+                "decode", bucket.name, components.decode(decode), decode, tmp, name, (), opts, bar
             )
+            if decode.window_frames is not None:  # never silently: its error against the full decode
+                decode_rec["chunking"] = components.chunking_error(decode)
         entry = {
             "key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

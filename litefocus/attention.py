@@ -10,12 +10,24 @@ Static form: fold F into the head axis so the whole layer is ONE dense attention
 [B, H*F, T + S, D] (reshape -> gather -> expand -> concat -> SDPA -> inverse reshape). No masks and
 no data-dependent shapes, so it traces, exports to ONNX and hits the fused SDPA kernels. The fold
 must be contiguous 4-D: a 5-D / strided input drops SDPA to its math path and loses the gain.
+
+Packed form (``focus_attention_packed``): the same fold on the projections' own layout [B, N, H*D].
+Token n = t * F + f, so [B, N, H*D] IS [B, T, F*H*D] with F*H heads of D: a reshape, no transpose.
+Same-frequency keys are [B, T, F*H*D] the same way and the shared tokens [B, S, H*D] are repeated
+over F, so the layer is one dense multi-head attention ``attend(q [B, T, M*D], k/v [B, T+S, M*D],
+M = F*H)``. With ``attend`` a fused op (ONNX Runtime's MultiHeadAttention, see
+``litefocus.export.fused``) no [T, T+S] score matrix is ever materialized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# attend(q [B, Lq, M*D], k [B, Lk, M*D], v [B, Lk, M*D], heads M, scale or None) -> [B, Lq, M*D]
+PackedAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], torch.Tensor]
 
 
 def is_tracing() -> bool:
@@ -128,6 +140,57 @@ def focus_attention_grid(
     return out.view(b, h, fb, t, d).transpose(2, 3)  # [B, H, T, F, D] (strided view)
 
 
+def packed_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None = None
+) -> torch.Tensor:
+    """Dense multi-head attention in the packed layout: q [B, Lq, M*D], k, v [B, Lk, M*D] -> [B, Lq, M*D]."""
+    b, lq, c = q.shape
+    lk, d = k.shape[1], c // heads
+
+    def split(x: torch.Tensor, length: int) -> torch.Tensor:  # [B, L, M*D] -> [B, M, L, D]
+        return x.reshape(b, length, heads, d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(q, lq), split(k, lk), split(v, lk), scale=scale)
+    return out.transpose(1, 2).reshape(b, lq, c)
+
+
+def focus_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    freq_bins: int,
+    global_idx: torch.Tensor | None,
+    same_frequency: bool,
+    scale: float | None,
+    attend: PackedAttend = packed_sdpa,
+) -> torch.Tensor:
+    """The static computation on the packed layout, unchecked: q, k, v [B, N, H*D] -> [B, N, H*D]."""
+    b, n, c = q.shape
+    fb = freq_bins
+    t = n // fb
+    if not same_frequency:  # every query shares the same S keys: H heads over them
+        return attend(q, select_packed(k, global_idx), select_packed(v, global_idx), heads, scale)
+    q_f, k_f, v_f = (x.reshape(b, t, fb * c) for x in (q, k, v))  # [B, T, F*H*D]: F*H heads
+    if global_idx is not None:
+        s = global_idx.shape[-1]
+
+        def shared(x: torch.Tensor) -> torch.Tensor:  # [B, N, H*D] -> [B, S, F*H*D]
+            return select_packed(x, global_idx).unsqueeze(2).expand(b, s, fb, c).reshape(b, s, fb * c)
+
+        k_f = torch.cat([k_f, shared(k)], dim=1)  # [B, T+S, F*H*D]
+        v_f = torch.cat([v_f, shared(v)], dim=1)
+    return attend(q_f, k_f, v_f, fb * heads, scale).reshape(b, n, c)  # [B, T, F*H*D] -> [B, N, H*D]
+
+
+def select_packed(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: [B, N, C], idx: [S] (every row) or [B, S] (per row) -> [B, S, C]."""
+    if idx.dim() == 1:
+        return x.index_select(1, idx)
+    b, _, c = x.shape
+    return x.gather(1, idx[:, :, None].expand(b, idx.shape[1], c).to(torch.int64))
+
+
 def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x: [B, H, N, D], idx: [S] (every row) or [B, S] (per row) -> [B, H, S, D]."""
     if idx.dim() == 1:
@@ -145,16 +208,27 @@ def litefocus_attention(
     *,
     same_frequency: bool = True,
     scale: float | None = None,
+    attend: PackedAttend | None = None,
 ) -> torch.Tensor:
     """LiteFocus attention, static form.
 
     q, k, v: [B, H, N, D] with token n = t * freq_bins + f; global_idx: int tensor [S] (shared by
     the batch) or [B, S] (one sample per row), or None (None or empty: no cross-frequency part). Returns [B, H, N, D]: one softmax over
     concat(same-frequency keys, keys[global_idx]); a key in both sets counts twice.
-    ``scale`` defaults to D ** -0.5.
+    ``scale`` defaults to D ** -0.5. ``attend``: compute it in the packed form with this dense
+    multi-head attention (e.g. ``packed_sdpa``, or a fused op while exporting); None: the grid form.
     """
     global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
     b, h, n, d = q.shape
+    if attend is not None:
+
+        def pack(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, N, H*D]
+            return x.transpose(1, 2).reshape(b, n, h * d)
+
+        out = focus_attention_packed(
+            pack(q), pack(k), pack(v), h, freq_bins, global_idx, same_frequency, scale, attend
+        )
+        return out.view(b, n, h, d).transpose(1, 2)
     return focus_attention_grid(q, k, v, freq_bins, global_idx, same_frequency, scale).reshape(b, h, n, d)
 
 

@@ -62,12 +62,12 @@ def self_attention_freq_bins(unet, latent_freq_bins: int = LATENT_FREQ_BINS) -> 
     found: dict[str, int] = {}
     for prefix, block, block_bins in blocks:
         for name, module in block.named_modules():
-            if _is_self_attention(module):
+            if is_self_attention(module):
                 found[f"{prefix}.{name}"] = block_bins
     return found
 
 
-def _is_self_attention(module: torch.nn.Module) -> bool:
+def is_self_attention(module: torch.nn.Module) -> bool:
     from diffusers.models.attention_processor import Attention
 
     return isinstance(module, Attention) and not module.is_cross_attention

@@ -1,7 +1,11 @@
-"""The diffusers attention processor that runs LiteFocus on one self-attention module.
+"""The diffusers attention processors that run LiteFocus (and, for export, fused dense attention).
 
-It follows diffusers' ``AttnProcessor2_0`` step for step (projections, optional norms, output
-projection, residual, rescale) and swaps only the attention core for the static LiteFocus form.
+Both follow diffusers' ``AttnProcessor2_0`` step for step (projections, optional norms, output
+projection, residual, rescale) and swap only the attention core:
+  * ``LiteFocusAttnProcessor``: the static LiteFocus form, grid (fastest under PyTorch's SDPA) or,
+    given an ``attend``, packed (one dense multi-head attention a fused op can take; export);
+  * ``PackedSelfAttnProcessor``: plain self-attention through an ``attend`` in the packed layout
+    (the UNet's dense levels and the VAE's mid-block, when export fuses attention).
 Per-call state (the global sample) lives on the handle, never in ``cross_attention_kwargs``: the
 AudioLDM2 UNet does not forward those to its transformer blocks.
 """
@@ -12,23 +16,20 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from litefocus.attention import focus_attention_grid
+from litefocus.attention import PackedAttend, focus_attention_grid, focus_attention_packed
 
 if TYPE_CHECKING:  # pragma: no cover
     from litefocus.installer import LiteFocusHandle
 
 
-class LiteFocusAttnProcessor:
-    """Processor for one patched self-attention module (layer ``layer`` of ``handle``)."""
+class _SelfAttention:
+    """AttnProcessor2_0's shell for self-attention without a mask; subclasses give ``core``."""
 
-    def __init__(self, handle: LiteFocusHandle, layer: int, name: str, freq_bins: int):
-        self.handle = handle
-        self.layer = layer
-        self.name = name
-        self.freq_bins = freq_bins
+    name = "self-attention"
 
-    def __repr__(self) -> str:
-        return f"LiteFocusAttnProcessor(layer={self.layer}, name={self.name!r}, freq_bins={self.freq_bins})"
+    def core(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, N, H*D] -> [B, N, H*D]."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -40,12 +41,13 @@ class LiteFocusAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError(
-                f"LiteFocus on {self.name}: got encoder_hidden_states, but LiteFocus only replaces "
+                f"{type(self).__name__} on {self.name}: got encoder_hidden_states, but it only replaces "
                 "self-attention; cross-attention modules must keep their own processor"
             )
         if attention_mask is not None:
             raise ValueError(
-                f"LiteFocus on {self.name}: self-attention masks are not supported (AudioLDM2 passes none)"
+                f"{type(self).__name__} on {self.name}: self-attention masks are not supported (AudioLDM2 "
+                "passes none)"
             )
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -57,29 +59,20 @@ class LiteFocusAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        b, n, _ = hidden_states.shape  # x: [B, N, C], token n = t * F + f
-        if n % self.freq_bins != 0:
-            raise ValueError(
-                f"LiteFocus on {self.name}: {n} tokens do not form a [T, {self.freq_bins}] grid; the UNet "
-                "latent must have the frequency size LiteFocus was installed for"
-            )
-        q = attn.to_q(hidden_states)
+        q = attn.to_q(hidden_states)  # [B, N, H*D]
         k = attn.to_k(hidden_states)
         v = attn.to_v(hidden_states)
-        heads = attn.heads
-        d = k.shape[-1] // heads
-        q = q.view(b, n, heads, d).transpose(1, 2)  # q: [B, H, N, D]
-        k = k.view(b, n, heads, d).transpose(1, 2)
-        v = v.view(b, n, heads, d).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        if attn.norm_q is not None or attn.norm_k is not None:  # per head: [B, H, N, D] and back
+            b, n, c = q.shape
+            d = c // attn.heads
 
-        idx = self.handle.layer_indices(self.layer, n, k.device)  # [S], [B, S] or None
-        same = self.handle.config.same_frequency
-        out = focus_attention_grid(q, k, v, self.freq_bins, idx, same, attn.scale)  # [B, H, T, F, D]
-        out = out.permute(0, 2, 3, 1, 4).reshape(b, n, heads * d).to(q.dtype)  # [B, N, H*D]
+            def per_head(x: torch.Tensor, norm) -> torch.Tensor:
+                if norm is None:
+                    return x
+                return norm(x.view(b, n, attn.heads, d).transpose(1, 2)).transpose(1, 2).reshape(b, n, c)
+
+            q, k = per_head(q, attn.norm_q), per_head(k, attn.norm_k)
+        out = self.core(attn, q, k, v).to(q.dtype)  # [B, N, H*D]
 
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
@@ -88,3 +81,65 @@ class LiteFocusAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+class LiteFocusAttnProcessor(_SelfAttention):
+    """Processor for one patched self-attention module (layer ``layer`` of ``handle``).
+
+    ``attend``: None runs the grid form; a packed dense attention runs the packed form through it.
+    """
+
+    def __init__(
+        self,
+        handle: LiteFocusHandle,
+        layer: int,
+        name: str,
+        freq_bins: int,
+        attend: PackedAttend | None = None,
+    ):
+        self.handle = handle
+        self.layer = layer
+        self.name = name
+        self.freq_bins = freq_bins
+        self.attend = attend
+
+    def __repr__(self) -> str:
+        form = "grid" if self.attend is None else "packed"
+        return (
+            f"LiteFocusAttnProcessor(layer={self.layer}, name={self.name!r}, freq_bins={self.freq_bins}, "
+            f"form={form})"
+        )
+
+    def with_attend(self, attend: PackedAttend | None) -> LiteFocusAttnProcessor:
+        return LiteFocusAttnProcessor(self.handle, self.layer, self.name, self.freq_bins, attend)
+
+    def core(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, c = q.shape  # token n = t * F + f
+        if n % self.freq_bins != 0:
+            raise ValueError(
+                f"LiteFocus on {self.name}: {n} tokens do not form a [T, {self.freq_bins}] grid; the UNet "
+                "latent must have the frequency size LiteFocus was installed for"
+            )
+        heads = attn.heads
+        idx = self.handle.layer_indices(self.layer, n, k.device)  # [S], [B, S] or None
+        same = self.handle.config.same_frequency
+        if self.attend is not None:
+            return focus_attention_packed(q, k, v, heads, self.freq_bins, idx, same, attn.scale, self.attend)
+        d = c // heads
+        q, k, v = (x.view(b, n, heads, d).transpose(1, 2) for x in (q, k, v))  # [B, H, N, D]
+        out = focus_attention_grid(q, k, v, self.freq_bins, idx, same, attn.scale)  # [B, H, T, F, D]
+        return out.permute(0, 2, 3, 1, 4).reshape(b, n, heads * d)  # [B, N, H*D]
+
+
+class PackedSelfAttnProcessor(_SelfAttention):
+    """Dense self-attention through ``attend`` (packed layout), e.g. a fused op while exporting."""
+
+    def __init__(self, attend: PackedAttend, name: str = "self-attention"):
+        self.attend = attend
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"PackedSelfAttnProcessor(name={self.name!r})"
+
+    def core(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.attend(q, k, v, attn.heads, attn.scale)

@@ -7,9 +7,20 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from litefocus.engine import manifest as mf
 from litefocus.engine.backends import OnnxRuntimeBackend
-from litefocus.engine.contract import Bucket, DecodeContract, LiteFocusConfig, UNetContract, index_input_name
+from litefocus.engine.chunking import decode_chunked
+from litefocus.engine.contract import (
+    LATENT_CHANNELS,
+    LATENT_FREQ_BINS,
+    Bucket,
+    DecodeContract,
+    LiteFocusConfig,
+    UNetContract,
+    index_input_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +73,13 @@ def _rebuild_contracts(entry: dict, config: LiteFocusConfig | None) -> tuple[UNe
         index_levels=levels,
     )
     d = entry["modules"]["decode"]["contract"]
-    decode = DecodeContract(bucket, batch=d["batch"], precision=d["precision"])
+    decode = DecodeContract(
+        bucket,
+        batch=d["batch"],
+        precision=d["precision"],
+        window_frames=d.get("window_frames"),
+        overlap_frames=d.get("overlap_frames", 0),
+    )
     if unet.to_dict() != u or decode.to_dict() != d:
         raise mf.ManifestError(
             "the manifest's contracts do not match this litefocus version's; re-export with litefocus-export --force"
@@ -146,4 +163,34 @@ def open_entry(
             if backend is not None:
                 backend.close()
         raise
-    return OpenEntry(opened[0], opened[1], unet_c, decode_c)
+    decode = opened[1]
+    if decode is not None and decode_c.window_frames is not None:
+        decode = ChunkedDecode(decode, decode_c)
+    return OpenEntry(opened[0], decode, unet_c, decode_c)
+
+
+class ChunkedDecode:
+    """A window-sized decode backend run over a whole bucket's latent (``engine.chunking``): takes
+    {"latent": [1, C, T, F]} and returns [1, T * samples per frame], like a full decode graph."""
+
+    def __init__(self, inner, contract: DecodeContract):
+        self.inner = inner
+        self.contract = contract
+        self.name = inner.name
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        c = self.contract
+        latent = inputs["latent"]
+        want = (c.batch, LATENT_CHANNELS, c.bucket.frames, LATENT_FREQ_BINS)
+        if tuple(latent.shape) != want:
+            raise ValueError(f"latent has shape {tuple(latent.shape)}, the chunked decode takes {want}")
+        return decode_chunked(
+            lambda x: self.inner({"latent": x}),
+            latent,
+            c.window_frames,
+            c.overlap_frames,
+            c.samples_per_frame,
+        )
+
+    def close(self) -> None:
+        self.inner.close()

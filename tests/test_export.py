@@ -54,8 +54,8 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
         assert entry["modules"]["decode"]["validation"]["outputs"]["waveform"]["max_rel_rms"] <= 1e-4
         # the sparse attention is in the graph: key length T_level + S at the F = 8 level
         t8, s = frames // 2, entry["bucket"]["num_global"]["8"]
-        assert unet["audit"]["attention_softmax_shapes"][f"{t8}x{t8 + s}"] == 20
-        assert f"{t8 * 8}x{t8 * 8}" not in unet["audit"]["attention_softmax_shapes"]
+        assert unet["audit"]["attention_shapes"][f"{t8}x{t8 + s}"] == 20
+        assert f"{t8 * 8}x{t8 * 8}" not in unet["audit"]["attention_shapes"]
         assert (exported / name / "unet.onnx.data").is_file()
 
 
@@ -173,7 +173,7 @@ def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
     entry = mf.read_manifest(base)["entries"]["0p32s-fp32"]
     assert mf.read_manifest(base)["litefocus"] is None
     assert (
-        entry["modules"]["unet"]["audit"]["attention_softmax_shapes"]["32x32"] == 20
+        entry["modules"]["unet"]["audit"]["attention_shapes"]["32x32"] == 20
     )  # full attention at F = 8
 
 

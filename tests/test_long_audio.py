@@ -1,0 +1,188 @@
+"""Long audio without quadratic memory: the attention forms, time-chunked decode, the memory check."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from litefocus.attention import litefocus_attention, packed_sdpa, reference_litefocus_attention
+from litefocus.engine import manifest as mf
+from litefocus.engine.chunking import decode_chunked, fade_weights, window_starts
+from litefocus.export import cli, memory, pipeline
+from litefocus.export.fused import multi_head_attention
+from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
+
+FAST = ["--text-len", "8", "-q"]
+
+
+def _qkv(b=2, h=2, t=6, f=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, t * f, d, generator=g) for _ in range(3)]
+
+
+def _indices(kind, b, n, s, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "shared":
+        return torch.randperm(n, generator=g)[:s]
+    return torch.stack([torch.randperm(n, generator=g)[:s] for _ in range(b)]).int()
+
+
+@pytest.mark.parametrize("kind", ["none", "shared", "per-row"])
+@pytest.mark.parametrize("same_frequency", [True, False])
+def test_packed_form_matches_the_float64_reference(kind, same_frequency):
+    if kind == "none" and not same_frequency:
+        pytest.skip("nothing to attend to")
+    q, k, v = _qkv(seed=3)
+    idx = _indices(kind, 2, q.shape[2], 5)
+    ref = reference_litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency)
+    grid = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency)
+    packed = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency, attend=packed_sdpa)
+    assert (packed - ref).abs().max() < 1e-5
+    assert (grid - ref).abs().max() < 1e-5
+    # a wrong fold (heads taken in the other order) would not match: the test can fail
+    wrong = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency, attend=_swapped_heads)
+    assert (wrong - ref).abs().max() > 1e-3
+
+
+def _swapped_heads(q, k, v, heads, scale):
+    b, lq, c = q.shape
+    d = c // heads
+
+    def swap(x):  # reinterpret [.., M, D] as [.., D, M]: mixes heads
+        return x.reshape(b, x.shape[1], heads, d).transpose(2, 3).reshape(b, x.shape[1], c)
+
+    return packed_sdpa(swap(q), swap(k), swap(v), heads, scale)
+
+
+class _FusedLiteFocus(torch.nn.Module):
+    def forward(self, q, k, v, idx):
+        return litefocus_attention(q, k, v, 4, idx, attend=multi_head_attention)
+
+
+@pytest.mark.parametrize("kind", ["shared", "per-row"])
+def test_fused_op_in_onnx_runtime_matches_the_float64_reference(kind, tmp_path):
+    import onnxruntime as ort
+
+    from litefocus.export.fold import fold_static_shapes
+    from litefocus.export.fused import finish_fused_graph, fused_nodes
+
+    q, k, v = _qkv(seed=5)
+    idx = _indices(kind, 2, q.shape[2], 5, seed=6)
+    path = tmp_path / "a.onnx"
+    torch.onnx.export(
+        _FusedLiteFocus(), (q, k, v, idx), str(path), dynamo=False, opset_version=18,
+        input_names=["q", "k", "v", "idx"],
+    )
+    model = fold_static_shapes(onnx.load(str(path)))
+    assert finish_fused_graph(model) == 1
+    (node,) = fused_nodes(model.graph)
+    assert {a.name: a.i for a in node.attribute}["num_heads"] == 2 * 4  # H * F heads
+    assert not [n for n in model.graph.node if n.op_type == "Softmax"]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "idx": idx.numpy()}
+    got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+    ref = reference_litefocus_attention(q, k, v, 4, idx).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+
+
+def test_windows_cover_the_latent_and_weights_never_vanish():
+    assert window_starts(16, 8, 2) == [0, 6, 8]
+    assert window_starts(8, 8, 2) == [0]
+    w = fade_weights(10, 4, 4)
+    assert w.min() > 0 and w.max() == 1.0
+    with pytest.raises(ValueError):
+        window_starts(16, 8, 4)  # overlap must be under half a window
+
+
+def test_chunked_decode_of_a_local_decoder_is_exact():
+    """A decoder whose samples depend on their own frame only: chunking changes nothing."""
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((1, 8, 23, 16)).astype(np.float32)
+
+    def local(x):  # [1, 8, W, 16] -> [1, W * 4]
+        return np.repeat(x.sum(axis=(1, 3)), 4, axis=1)
+
+    got = decode_chunked(local, latent, 8, 3, 4)
+    assert np.allclose(got, local(latent), atol=1e-5)
+    # and a decoder that is not local differs: the test can fail
+    assert not np.allclose(decode_chunked(lambda x: local(x) * x.shape[2], latent, 8, 3, 4), local(latent) * 23)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-audioldm2")
+    make_tiny_unet().save_pretrained(root / "unet")
+    make_tiny_vae().save_pretrained(root / "vae")
+    make_tiny_vocoder().save_pretrained(root / "vocoder")
+    return root
+
+
+def test_chunked_decode_engine_is_within_its_recorded_bound(model_dir, tmp_path):
+    from litefocus.export.decode import DecodeModule
+    from litefocus.models import load_components
+    from litefocus.runtime import Runtime
+
+    out = tmp_path / "engines"
+    argv = ["--seconds", "1.28", "--decode-window", "0.64", "--model", str(model_dir), "--out", str(out)]
+    assert cli.main([*argv, *FAST]) == 0
+    entry = mf.read_manifest(out)["entries"]["1p28s-fp32"]
+    decode = entry["modules"]["decode"]
+    assert decode["contract"]["window_frames"] == 16 and decode["contract"]["overlap_frames"] == 4
+    assert decode["contract"]["inputs"][0]["shape"] == [1, 8, 16, 16]
+    bound = decode["chunking"]["max_rel_rms_vs_full"]
+    assert 0 < bound < np.inf  # random tiny weights: large, but measured and recorded
+    assert decode["attention"] == "fused"
+    # the runtime decodes the whole bucket through the window graph; compare with PyTorch's full decode
+    runtime = Runtime.load(out)
+    try:
+        opened = runtime.open_entry("1p28s-fp32", modules=("decode",))
+        latent = np.random.default_rng(1).standard_normal((1, 8, 32, 16)).astype(np.float32)
+        got = opened.decode({"latent": latent})
+    finally:
+        runtime.close()
+    _, vae, vocoder = load_components(str(model_dir), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        full = DecodeModule(vae, vocoder, samples=32 * 640)(torch.from_numpy(latent)).numpy()
+    rms = np.sqrt(np.mean(full.astype(np.float64) ** 2))
+    err = np.abs(got - full).max() / rms
+    assert got.shape == full.shape
+    assert err <= 2 * bound + 1e-3  # the recorded bound is for the export's own latent
+
+
+def test_plain_form_keeps_softmaxes_and_fused_form_has_none(model_dir, tmp_path):
+    out = tmp_path / "plain"
+    argv = ["--seconds", "0.3", "--attention", "plain", "--model", str(model_dir), "--out", str(out)]
+    assert cli.main([*argv, *FAST]) == 0
+    entry = mf.read_manifest(out)["entries"]["0p32s-fp32"]
+    for module in ("unet", "decode"):
+        rec = entry["modules"][module]
+        assert rec["attention"] == "plain"
+        assert rec["audit"]["ops"].get("Softmax", 0) > 0
+        assert "com.microsoft.MultiHeadAttention" not in rec["audit"]["ops"]
+        assert rec["validation"]["outputs"][rec["contract"]["outputs"][0]["name"]]["max_rel_rms"] <= 1e-4
+
+
+def test_attention_form_resolution():
+    assert pipeline.resolve_attention("auto", "onnx") == "fused"
+    assert pipeline.resolve_attention("auto", "tensorrt") == "plain"
+    with pytest.raises(ValueError, match="--attention plain"):
+        pipeline.resolve_attention("fused", "tensorrt")
+
+
+def test_memory_check_names_the_need_and_the_option_that_fits(monkeypatch):
+    monkeypatch.setattr(memory, "available_gib", lambda: 12.0)
+    full = memory.estimate_gib(320)
+    assert memory.estimate_gib(320, decode_window=20) < full
+    memory.check_export_memory((10.0,), "fp32", None)  # fits: no error
+    if full > 0.9 * 12.0:
+        with pytest.raises(ValueError, match=r"--seconds 320 needs about .* GiB.*12.0 GiB available"):
+            memory.check_export_memory((320.0,), "fp32", None)
+    # a tiny model needs next to nothing
+    memory.check_export_memory((320.0,), "fp32", None, parameters=1000)
+
+
+def test_bad_decode_window_exits_2(capsys, tmp_path):
+    assert cli.main(["--seconds", "1", "--decode-window", "0", "--random-weights", "--out", str(tmp_path / "x")]) == 2
+    assert "--decode-window 0" in capsys.readouterr().err
