@@ -50,6 +50,10 @@ def open_session(onnx_path: Path, providers: list | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # No CPU memory arena: it keeps a run's peak for the session's whole life. Measured at 80 s on the
+    # CPU EP: a UNet step peaks at 3.3 GB without it against 4.1 GB with it, and leaves 1.5 GB
+    # resident against 4.1 GB (the decode: 2.0 / 0.45 GB against 3.1 / 3.1 GB), at the same speed.
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(str(onnx_path), options, providers=providers or onnxruntime_providers())
 
 
