@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import os
 import platform
@@ -25,8 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from litefocus import LiteFocusConfig, litefocus_attention
-from litefocus.bench.measure import device_name, quantile, time_ms
-from litefocus.engine.fileio import atomic_write_bytes
+from litefocus.bench.measure import device_name, quantile, time_ms, write_json
 from litefocus.geometry import latent_frames, level_frames
 
 logger = logging.getLogger(__name__)
@@ -146,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
         "rows": [{"device": device_name(device), **r} for r in rows],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"attention-{device.type}-{stamp}.json"
-    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
-    logger.info("wrote %s", path)
+    write_json(args.out, f"attention-{device.type}-{stamp}.json", record)
     return 0
 
 

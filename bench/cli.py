@@ -1,4 +1,4 @@
-"""``litefocus-bench``: UNet step latency, full-generation time, memory and FLOPs per bucket and backend.
+"""``litefocus-bench``: UNet step and decode time and memory, generation time and FLOPs per bucket/backend.
 
     litefocus-bench --seconds 10 20 40 80 160                 # every backend that runs here
     litefocus-bench --seconds 80 --backends diffusers litefocus --steps 2
@@ -96,6 +96,20 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--warmup", type=int, help="untimed UNet steps before timing (default 2)")
     p.add_argument("--repeats", type=int, help="timed UNet steps (default 5)")
+    p.add_argument(
+        "--decode-warmup",
+        type=int,
+        default=1,
+        metavar="N",
+        help="untimed decode calls (VAE decoder + vocoder) before the timed ones (default 1)",
+    )
+    p.add_argument(
+        "--decode-repeats",
+        type=int,
+        default=1,
+        metavar="N",
+        help="timed decode calls on a random latent, with the decode's peak memory (default 1; 0 skips it)",
+    )
     p.add_argument("--text-len", type=int, help="T5 sequence length of the engines (default 128)")
     p.add_argument("--sparse-ratio", type=float, default=0.1, help="LiteFocus r (default 0.1)")
     p.add_argument(
@@ -170,6 +184,9 @@ def options_from_args(args, command: str, engines: Path):
         raise UsageError("give --model (real weights) or --preset (random weights), not both")
     if args.weights_seed < 0:
         raise UsageError(f"--weights-seed must be >= 0, got {args.weights_seed}")
+    for flag in ("decode_warmup", "decode_repeats"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     device = args.device
     try:
         dev = check_device(device)
@@ -189,6 +206,8 @@ def options_from_args(args, command: str, engines: Path):
             time_budget_s=args.time_budget,
             warmup=pick("warmup"),
             repeats=pick("repeats"),
+            decode_warmup=args.decode_warmup,
+            decode_repeats=args.decode_repeats,
             text_len=pick("text_len"),
             engines=engines,
             out=args.out,

@@ -3,7 +3,9 @@
 Timing: warm-up calls first, then one wall time per call; on a GPU each call is bracketed by CUDA
 events (device time, no host-side jitter). Peak memory: on a GPU ``torch.cuda.max_memory_allocated``
 (reset per measurement); on CPU the process's peak resident set (Linux ``VmHWM``, reset per
-measurement through ``/proc/self/clear_refs``), which includes weights, activations and libraries.
+measurement through ``/proc/self/clear_refs``), which includes weights, activations and libraries;
+``PeakMemory.resident_mb`` reads what is resident at a point (VmRSS / ``memory_allocated``), so a
+peak minus the baseline taken right after the reset is a stage's own working memory.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import platform
 import re
@@ -95,6 +98,12 @@ def _read_status_kb(field: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def rss_mb() -> float | None:
+    """This process's resident set now (Linux ``VmRSS``), in MiB; None where it cannot be read."""
+    kb = _read_status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
 def release_memory(device: torch.device) -> None:
     """Free what the previous measurement left: Python garbage, the CUDA cache, glibc's free lists."""
     gc.collect()
@@ -142,6 +151,15 @@ class PeakMemory:
         kb = _read_status_kb("VmHWM")
         return None if kb is None else kb / 1024
 
+    def resident_mb(self) -> float | None:
+        """What is resident now, in the units of ``peak_mb`` (a baseline to subtract from the peak):
+        ``torch.cuda.memory_allocated`` or VmRSS; None for ``cuda_in_use_at_end`` (no peak to compare)."""
+        if self.kind == "cuda_max_allocated":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        if self.kind == "cuda_in_use_at_end":
+            return None
+        return rss_mb()
+
 
 def matmul_ceiling_tflops(
     device: torch.device, dtype: torch.dtype, n: int | None = None, warmup: int = 3, repeats: int = 10
@@ -158,3 +176,14 @@ def matmul_ceiling_tflops(
         times = time_ms(lambda: a @ b, device, warmup, repeats)
     ms = statistics.median(times)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
+
+
+def write_json(out_dir: Path, name: str, record: dict) -> Path:
+    """``record`` as indented JSON at ``out_dir/name`` (atomic; the folder is created); returns the path."""
+    from litefocus.engine.fileio import atomic_write_bytes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
+    logger.info("wrote %s", path)
+    return path

@@ -1,4 +1,4 @@
-"""Render run records (JSON) as a Markdown table and a PNG plot; compare several runs.
+"""Render run records (JSON) as a Markdown table and a PNG plot; compare several runs; tabulate decode.
 
 Everything here is a pure function of the records: ``litefocus-bench report FILE...`` re-renders
 exactly what the run itself wrote. Speedups are ratios inside one run (same machine, same process).
@@ -115,12 +115,17 @@ def render_markdown(record: dict) -> str:
         f"r = {opts['litefocus']['sparse_ratio']} at F = {opts['litefocus']['freq_bins']}; "
         f"{opts['warmup']} warm-up + {opts['repeats']} timed steps; generation = {opts['steps']} "
         f"{opts.get('scheduler', 'ddim').upper()} steps + decode"
-        + (f" at {', '.join(f'{x:g}' for x in opts['generate_at'])} s" if opts.get("generate_at") else ""),
+        + (f" at {', '.join(f'{x:g}' for x in opts['generate_at'])} s" if opts.get("generate_at") else "")
+        + (
+            f"; decode alone: {opts['decode_warmup']} warm-up + {opts['decode_repeats']} timed calls"
+            if opts.get("decode_repeats")
+            else ""
+        ),
         f"- dense matmul ceiling: {ceil['tflops']:.3f} TFLOP/s ({ceil['dtype']}, {ceil['n']}³)",
         "",
         "| seconds | backend | precision | step p50 ms | p10 – p90 ms | vs diffusers | compile s "
-        "| generate s | peak MB | GFLOP/step | TFLOP/s | % of ceiling |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| generate s | peak MB | decode s | decode MB | GFLOP/step | TFLOP/s | % of ceiling |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sp = speedups(record)
     for r in _sorted_rows(record["rows"]):
@@ -129,6 +134,7 @@ def render_markdown(record: dict) -> str:
             f"| {r['seconds']:g} | {backend_label(r)} | {r['precision']} | {_fmt(r['step_ms_p50'])} "
             f"| {_fmt(r['step_ms_p10'])} – {_fmt(r['step_ms_p90'])} | {_fmt(s, '.2f')}{'x' if s else ''} "
             f"| {_fmt(r.get('compile_s'))} | {_fmt(r['generate_s'])} | {_fmt(r['peak_mem_mb'], '.0f')} "
+            f"| {_fmt(_decode_s(r), '.3f')} | {_fmt(r.get('decode_mem_delta_mb'), '.0f')} "
             f"| {_fmt(r['step_gflop'], '.4g')} | {_fmt(r['achieved_tflops'], '.3f')} "
             f"| {_fmt(100 * r['ceiling_fraction'] if r.get('ceiling_fraction') is not None else None)} |"
         )
@@ -136,12 +142,75 @@ def render_markdown(record: dict) -> str:
         lines += ["", "Not measured:", ""]
         for s in record["skipped"]:
             lines.append(f"- {s['backend']} at {s['seconds']:g} s: {s['status']} ({s['reason']})")
+    kinds = ", ".join(sorted({r["mem_kind"] for r in record["rows"]}))
+    if any("decode_repeats" in r for r in record["rows"]):  # since the decode stage: steps only
+        legend = (
+            f"peak MB: {kinds} during the UNet steps only (setup, compilation, decode and generation "
+            "excluded). decode s: median decode call (VAE decoder + vocoder, batch 1) on a random latent; "
+            "decode MB: its peak minus what was resident when it started (its own working memory). "
+            "compile s: first call minus one warm step."
+        )
+    else:  # older records: one peak over the steps and the generation
+        legend = (
+            f"peak MB: {kinds} during the timed steps and the generation (setup and compilation "
+            "excluded). compile s: first call minus one warm step."
+        )
+    lines += ["", legend]
+    return "\n".join(lines) + "\n"
+
+
+def _decode_s(row: dict) -> float | None:
+    ms = row.get("decode_ms_p50")
+    return None if ms is None else ms / 1e3
+
+
+def _has_decode(row: dict) -> bool:
+    return row.get("decode_ms_p50") is not None or row.get("decode_peak_mem_mb") is not None
+
+
+def render_decode_table(records: list[dict]) -> str:
+    """Decode per bucket: one row per audio length; per backend (and run, with several records) the
+    median decode s, its working memory (peak minus the resident baseline) and its absolute peak;
+    last, the onnxruntime decode's working MB per second of audio (flat when memory grows linearly).
+    An empty string when no row measured the decode (records from before the decode stage)."""
+    many = len(records) > 1
+    cells: dict[tuple[int, str, float], dict] = {}
+    for i, record in enumerate(records):
+        for r in record["rows"]:
+            if _has_decode(r):
+                cells[i, backend_label(r), r["seconds"]] = r
+    if not cells:
+        return ""
+
+    def order(col):
+        backend = col[1].split(" ")[0]
+        return (col[0], BACKEND_ORDER.index(backend) if backend in BACKEND_ORDER else 99, col[1])
+
+    cols = sorted({(i, label) for i, label, _ in cells}, key=order)
+    name = {c: (f"run {c[0] + 1} " if many else "") + c[1] for c in cols}
+    per_s = [c for c in cols if c[1].split(" ")[0] == "onnxruntime"]
+    head = ["seconds"] + [f"{name[c]} {h}" for c in cols for h in ("decode s", "decode MB", "peak MB")]
+    head += [f"{name[c]} MB per s of audio" if len(per_s) > 1 else "MB per s of audio" for c in per_s]
+    lines = ["## Decode per bucket", "", "| " + " | ".join(head) + " |", "|---:" * len(head) + "|"]
+    for seconds in sorted({k[2] for k in cells}):
+        out = [f"{seconds:g}"]
+        for c in cols:
+            r = cells.get((*c, seconds), {})
+            out += [
+                _fmt(_decode_s(r), ".3f"),
+                _fmt(r.get("decode_mem_delta_mb"), ".0f"),
+                _fmt(r.get("decode_peak_mem_mb"), ".0f"),
+            ]
+        for c in per_s:
+            delta = cells.get((*c, seconds), {}).get("decode_mem_delta_mb")
+            out.append(_fmt(None if delta is None else delta / seconds, ".1f"))
+        lines.append("| " + " | ".join(out) + " |")
+    kinds = sorted({r.get("mem_kind") or "?" for r in cells.values()})
     lines += [
         "",
-        "peak MB: "
-        + ", ".join(sorted({r["mem_kind"] for r in record["rows"]}))
-        + " during the timed steps and "
-        "the generation (setup and compilation excluded). compile s: first call minus one warm step.",
+        "decode s: median decode call (VAE decoder + vocoder, batch 1) on a seeded random latent. decode MB: "
+        "the decode's peak minus what was resident when it started (its own working memory); peak MB: the "
+        f"absolute peak ({', '.join(kinds)}). MB per s of audio: onnxruntime's decode MB / seconds.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -229,12 +298,21 @@ def plot(records: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(records: list[dict], stem: Path) -> tuple[Path, Path]:
-    """``stem``.md and ``stem``.png for one record (its table) or several (comparison + tables)."""
+def render_report(records: list[dict]) -> str:
+    """The Markdown of ``write_report``: one run's table (or the comparison and every run's table),
+    then the decode table when any row measured the decode."""
     if len(records) == 1:
         md = render_markdown(records[0])
     else:
         md = render_comparison(records) + "".join("\n" + render_markdown(r) for r in records)
+    decode = render_decode_table(records)
+    return md + ("\n" + decode if decode else "")
+
+
+def write_report(records: list[dict], stem: Path) -> tuple[Path, Path]:
+    """``stem``.md and ``stem``.png for one record (its table) or several (comparison + tables), the
+    decode table appended to the Markdown (``render_report``)."""
+    md = render_report(records)
     md_path, png_path = stem.with_suffix(".md"), stem.with_suffix(".png")
     atomic_write_bytes(md_path, md.encode())
     plot(records, png_path)

@@ -4,9 +4,13 @@ Per row, in this order:
   1. open the target (setup: model + LiteFocus install, compile wrapper, or engine export/reuse + load);
   2. one first call (for ``*-compile`` this is where compilation happens);
   3. reset the peak-memory counter, then ``warmup`` untimed and ``repeats`` timed UNet steps
-     (batch 2: classifier-free guidance), CUDA events on a GPU;
-  4. a full generation: ``steps`` DDIM steps through the runtime's sampling loop + decode;
-  5. the peak memory of steps 3-4 (setup and compilation excluded).
+     (batch 2: classifier-free guidance), CUDA events on a GPU; ``peak_mem_mb`` is read right after
+     them, so it covers the UNet steps only (setup, compilation, decode and generation excluded);
+  4. the decode alone (``bench/stages.py``): reset the peak again, note what is resident, then
+     ``decode_warmup`` untimed + ``decode_repeats`` timed calls of the row's decode stage on a seeded
+     random latent: ``decode_ms_p50``, ``decode_peak_mem_mb`` and ``decode_mem_delta_mb`` (peak minus
+     the resident baseline: the decode's own working memory);
+  5. a full generation: ``steps`` DDIM steps through the runtime's sampling loop + decode (timed only).
 FLOPs are analytic (``bench/flops.py``); achieved TFLOP/s = step FLOPs / median step time.
 """
 
@@ -23,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,6 +39,7 @@ from litefocus.bench.measure import (
     time_ms,
     wall_s,
 )
+from litefocus.bench.stages import generate, measure_decode
 from litefocus.bench.targets import (
     BACKENDS,
     TORCH_BACKENDS,
@@ -50,14 +54,11 @@ from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine.fileio import atomic_write_bytes
 from litefocus.engine.manifest import library_versions
-from litefocus.runtime.noise_schedule import NoiseSchedule
-from litefocus.runtime.runtime import OpenEntry, generate_audio
-from litefocus.runtime.sampling import SCHEDULERS, Conditioning, GenerateOptions
+from litefocus.runtime.sampling import SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-GUIDANCE_SCALE = 3.5  # AudioLDM2's default: the CFG pair runs as one batch-2 UNet call
 ROW_FIELDS = (  # every measured row has these (None where a value does not apply)
     "device",
     "backend",
@@ -70,7 +71,7 @@ ROW_FIELDS = (  # every measured row has these (None where a value does not appl
     "peak_mem_mb",
     "step_gflop",
     "achieved_tflops",
-)
+)  # later additions are optional, so older records still load: decode_* (stages.measure_decode)
 REPO = Path(os.environ.get("LITEFOCUS_SOURCE_DIR") or Path(__file__).resolve().parent.parent)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -85,6 +86,8 @@ class BenchOptions:
     steps: int = 25  # of the full generation; 0 skips it
     warmup: int = 2
     repeats: int = 5
+    decode_warmup: int = 1  # untimed decode calls before the timed ones
+    decode_repeats: int = 1  # timed decode calls; 0 skips the decode measurement
     text_len: int = 128
     engines: Path = Path("engines")
     out: Path = DEFAULT_OUT
@@ -103,7 +106,8 @@ class BenchOptions:
                 raise ValueError(f"unknown backend {b!r}; choose from {', '.join(BACKENDS)}")
         if not self.backends or not self.seconds:
             raise ValueError("give at least one backend and one --seconds value")
-        for name, low in (("steps", 0), ("warmup", 0), ("repeats", 1), ("text_len", 1), ("seed", 0)):
+        lows = {"steps": 0, "warmup": 0, "repeats": 1, "decode_warmup": 0, "decode_repeats": 0}
+        for name, low in {**lows, "text_len": 1, "seed": 0}.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
@@ -152,31 +156,6 @@ def git_commit() -> dict:
     return {"commit": commit, "dirty": bool(changed) if status is not None else None, "changed": changed}
 
 
-def generate(
-    target: Target, source: str, steps: int, seed: int, progress: bool, scheduler: str = "ddim"
-) -> dict:
-    """A full generation through the runtime's own ``generate_audio``: ``steps`` sampler steps +
-    decode, timed, on random conditioning (random weights have no text encoders)."""
-    from litefocus.models import scheduler_config
-
-    c = target.contract
-    inputs = c.numpy_inputs(seed)
-    cond = Conditioning(  # one guided request: the first two rows
-        *(
-            inputs[k][:2]
-            for k in ("encoder_hidden_states", "encoder_hidden_states_1", "encoder_attention_mask_1")
-        )
-    )
-    options = GenerateOptions(steps=steps, guidance_scale=GUIDANCE_SCALE, scheduler=scheduler, seed=seed)
-    entry = OpenEntry(target.unet, target.decode, c, target.decode_contract)
-    schedule = NoiseSchedule.from_config(scheduler_config(source))
-    audio = generate_audio(entry, cond, c.bucket.exact_seconds, options, schedule, progress=progress)
-    if not np.isfinite(audio.waveform).all():
-        raise RuntimeError(f"{target.backend}: the generated waveform is not finite")
-    t = audio.timings
-    return {"generate_s": t["denoise"] + t["decode"], "denoise_s": t["denoise"], "decode_s": t["decode"]}
-
-
 def measure_row(
     target: Target, opts: BenchOptions, device: torch.device, flops: dict, ceiling: dict, setup_s: float
 ) -> dict:
@@ -189,7 +168,9 @@ def measure_row(
     mem = PeakMemory(device, torch_allocator=target.module is not None)
     mem.reset()
     times = time_ms(step, device, opts.warmup, opts.repeats)
+    peak_mem_mb = mem.peak_mb()  # the UNet steps only
     stats = summarize_ms(times)
+    decode = measure_decode(target, device, opts.decode_warmup, opts.decode_repeats, opts.seed)
     gen = {"generate_s": None, "denoise_s": None, "decode_s": None}
     if opts.generates(c.bucket.seconds):
         gen = generate(target, opts.source, opts.steps, opts.seed, not opts.quiet, opts.scheduler)
@@ -204,7 +185,7 @@ def measure_row(
         "step_ms_p10": stats["p10"],
         "step_ms_p90": stats["p90"],
         "generate_s": gen["generate_s"],
-        "peak_mem_mb": mem.peak_mb(),
+        "peak_mem_mb": peak_mem_mb,
         "step_gflop": gflop,
         "achieved_tflops": achieved,
         "ceiling_fraction": achieved / ceiling["tflops"],
@@ -230,6 +211,7 @@ def measure_row(
         "repeats": opts.repeats,
         "step_ms_all": times,
         "mem_kind": mem.kind,
+        **decode,
         "self_attention_gflop": flops["self_attention"] / 1e9,
         **target.extra,
     }

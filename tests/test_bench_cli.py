@@ -7,6 +7,8 @@ import copy
 import json
 import math
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,12 +16,23 @@ import torch
 
 from litefocus.bench import cli
 from litefocus.bench.measure import PeakMemory, matmul_ceiling_tflops, quantile, summarize_ms
-from litefocus.bench.report import load_record, render_comparison, render_markdown, speedups
+from litefocus.bench.report import (
+    load_record,
+    render_comparison,
+    render_decode_table,
+    render_markdown,
+    render_report,
+    speedups,
+)
 from litefocus.bench.run import ROW_FIELDS
+from litefocus.bench.stages import DECODE_FIELDS, measure_decode
 from litefocus.bench.targets import BACKENDS, unavailable_reason
+from litefocus.buckets import Bucket
+from litefocus.engine.contract import DecodeContract
 
 CPU_BACKENDS = ("diffusers", "diffusers-compile", "litefocus", "litefocus-compile", "onnxruntime")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OLD_RECORD = Path(__file__).resolve().parents[1] / "bench" / "results" / "unet-cpu-20261127T205355Z.json"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +63,12 @@ def test_quick_run_measures_every_cpu_backend(quick_run):
             r["achieved_tflops"] / record["matmul_ceiling"]["tflops"]
         )
         assert r["litefocus"] == (not backend.startswith("diffusers"))
+        # the decode alone: 1 warm-up + 1 timed call, its absolute peak and its own working memory
+        assert r["decode_warmup"] == 1 and r["decode_repeats"] == 1 and len(r["decode_ms_all"]) == 1
+        assert math.isfinite(r["decode_ms_p50"]) and r["decode_ms_p50"] > 0, backend
+        assert r["decode_ms_p50"] == r["decode_ms_all"][0]
+        assert r["decode_peak_mem_mb"] >= 0 and r["decode_mem_delta_mb"] is not None, backend
+        assert 0 <= r["decode_mem_delta_mb"] <= r["decode_peak_mem_mb"], backend
     # LiteFocus does less attention work; the analytic count says so and is the same for its backends
     assert rows["litefocus"]["step_gflop"] < rows["diffusers"]["step_gflop"]
     assert rows["litefocus"]["step_gflop"] == rows["onnxruntime"]["step_gflop"]
@@ -68,7 +87,9 @@ def test_quick_run_measures_every_cpu_backend(quick_run):
 def test_quick_run_writes_markdown_and_png(quick_run):
     _, path, record = quick_run
     md = path.with_suffix(".md").read_text()
-    assert md == render_markdown(record)
+    assert md == render_report([record]) == render_markdown(record) + "\n" + render_decode_table([record])
+    assert "| decode s | decode MB |" in md and "## Decode per bucket" in md
+    assert "during the UNet steps only" in md
     for backend in CPU_BACKENDS:
         assert f"| 5 | {backend} | fp32 |" in md
     assert "| 5 | diffusers | fp32 |" in md and "1.00x" in md
@@ -126,6 +147,8 @@ def test_speedups_are_ratios_within_one_run():
         (["--backends", "tvm"], "invalid choice"),
         (["--model", "some/model", "--preset", "tiny"], "not both"),
         (["--compile-mode", "fastest"], "invalid choice"),
+        (["--decode-repeats", "-1"], "--decode-repeats"),
+        (["--decode-warmup", "-1"], "--decode-warmup"),
     ],
 )
 def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_path):
@@ -136,6 +159,95 @@ def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_pa
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_decode_repeats_0_skips_the_decode_measurement(tmp_path):
+    argv = ["--quick", "--backends", "litefocus", "--seconds", "1", "--steps", "1", "--decode-repeats", "0"]
+    assert cli.main([*argv, "--out", str(tmp_path), "-q"]) == 0
+    (path,) = tmp_path.glob("unet-cpu-*.json")
+    record = load_record(path)
+    (row,) = record["rows"]
+    assert all(row[f] is None for f in DECODE_FIELDS) and row["decode_repeats"] == 0
+    assert row["generate_s"] > 0 and row["peak_mem_mb"] > 0  # the rest is measured as before
+    assert record["options"]["decode_repeats"] == 0
+    md = path.with_suffix(".md").read_text()
+    assert "## Decode per bucket" not in md and render_decode_table([record]) == ""
+
+
+def _decode_target(decode):
+    contract = DecodeContract(Bucket.for_seconds(1))
+    return SimpleNamespace(backend="fake", module=None, decode=decode, decode_contract=contract)
+
+
+def test_decode_memory_is_the_peak_above_the_resident_baseline():
+    calls = []
+
+    def decode(inputs):  # 64 MiB of working memory per call, touched, then freed
+        assert inputs["latent"].shape == (1, 8, Bucket.for_seconds(1).frames, 16)
+        calls.append(inputs["latent"].copy())
+        work = np.ones(64 * 2**20 // 8)
+        work += 1
+        return np.zeros((1, 16000), np.float32)
+
+    held = np.ones(128 * 2**20 // 8)  # resident before the decode: in the peak, not in the delta
+    held += 1
+    d = measure_decode(_decode_target(decode), torch.device("cpu"), warmup=2, repeats=3, seed=7)
+    assert len(calls) == 5 and all(np.array_equal(c, calls[0]) for c in calls)  # one fixed latent
+    assert d["decode_warmup"] == 2 and d["decode_repeats"] == 3 and len(d["decode_ms_all"]) == 3
+    assert 50 < d["decode_mem_delta_mb"] < 120
+    assert d["decode_peak_mem_mb"] > d["decode_mem_delta_mb"] + 100  # the held array is resident
+    del held
+    nan = _decode_target(lambda inputs: np.full((1, 16000), np.nan, np.float32))
+    with pytest.raises(RuntimeError, match="not finite"):
+        measure_decode(nan, torch.device("cpu"), warmup=0, repeats=1, seed=0)
+
+
+def _decode_row(backend, seconds, ms, delta, peak):
+    return {
+        "backend": backend,
+        "seconds": seconds,
+        "precision": "fp32",
+        "mem_kind": "rss",
+        "decode_ms_p50": ms,
+        "decode_mem_delta_mb": delta,
+        "decode_peak_mem_mb": peak,
+    }
+
+
+def test_decode_table_has_a_column_group_per_backend_and_mb_per_second():
+    rows = [
+        _decode_row("onnxruntime", 20, 2000.0, 400.0, 3000.0),
+        _decode_row("diffusers", 10, 1500.0, 250.0, 2500.0),
+        _decode_row("onnxruntime", 10, 1000.0, 200.0, 2600.0),
+        {"backend": "litefocus", "seconds": 10, "precision": "fp32", "mem_kind": "rss"},  # an old row
+    ]
+    lines = render_decode_table([{"rows": rows}]).splitlines()
+    assert lines[0] == "## Decode per bucket"
+    assert lines[2] == (
+        "| seconds | diffusers decode s | diffusers decode MB | diffusers peak MB | onnxruntime decode s "
+        "| onnxruntime decode MB | onnxruntime peak MB | MB per s of audio |"
+    )
+    assert lines[3] == "|---:" * 8 + "|"
+    assert lines[4] == "| 10 | 1.500 | 250 | 2500 | 1.000 | 200 | 2600 | 20.0 |"
+    assert lines[5] == "| 20 | – | – | – | 2.000 | 400 | 3000 | 20.0 |"  # linear: the same MB per s
+    assert "rss" in lines[7]
+    two = render_decode_table([{"rows": rows}, {"rows": rows[:1]}]).splitlines()
+    assert "run 2 onnxruntime decode s" in two[2] and two[2].endswith(
+        "| run 1 onnxruntime MB per s of audio | run 2 onnxruntime MB per s of audio |"
+    )
+    assert render_decode_table([{"rows": rows[3:]}]) == ""
+
+
+def test_an_old_record_without_decode_fields_still_renders(tmp_path):
+    record = load_record(OLD_RECORD)
+    assert not any("decode_ms_p50" in r for r in record["rows"])
+    md = render_report([record])
+    assert md == render_markdown(record) and render_decode_table([record]) == ""
+    line = next(x for x in md.splitlines() if x.startswith("| 10 | onnxruntime | fp32 |"))
+    assert "| – | – | 316.2 |" in line  # no decode s, no decode MB
+    assert "during the timed steps and the generation" in md  # the old records' peak, described as such
+    assert cli.main(["report", str(OLD_RECORD), "--out", str(tmp_path / "old")]) == 0
+    assert (tmp_path / "old.md").read_text() == md
 
 
 def test_a_model_that_is_not_audioldm2_exits_2_before_measuring(tmp_path, capsys):
