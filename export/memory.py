@@ -2,9 +2,9 @@
 before anything heavy starts (exit 2, naming the memory it needs and the option that fits), never
 killed for memory halfway.
 
-The estimate is linear in the bucket's length, fitted to export peaks measured on the reference
-machine (``memory_model.json``: the data, its source and the fit; no graph holds a quadratic
-tensor any more once attention is fused). A time-chunked decode (``--decode-window``) bounds the
+The estimate is linear in the bucket's length above a floor (loading the model and opening the
+sessions), fitted to export peaks measured on the reference machine (``memory_model.json``: the
+data, its source and the fit; no graph holds a quadratic tensor any more once attention is fused). A time-chunked decode (``--decode-window``) bounds the
 decode's part by the window's length. Plain attention (TensorRT graphs) is not modelled.
 """
 
@@ -39,7 +39,8 @@ def estimate_gib(
     size = 1.0 if parameters is None else parameters / m["reference_parameters"]
     decode_s = seconds if decode_window is None else min(seconds, Bucket.for_seconds(decode_window).seconds)
     scale = 0.5 if precision == "fp16" else 1.0  # halves activations and weights; conservative otherwise
-    return size * (m["base_gib"] + scale * (m["unet_gib_per_s"] * seconds + m["decode_gib_per_s"] * decode_s))
+    grows = m["base_gib"] + scale * (m["unet_gib_per_s"] * seconds + m["decode_gib_per_s"] * decode_s)
+    return size * max(m["floor_gib"], grows)
 
 
 def available_gib() -> float:

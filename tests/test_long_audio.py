@@ -186,3 +186,12 @@ def test_memory_check_names_the_need_and_the_option_that_fits(monkeypatch):
 def test_bad_decode_window_exits_2(capsys, tmp_path):
     assert cli.main(["--seconds", "1", "--decode-window", "0", "--random-weights", "--out", str(tmp_path / "x")]) == 2
     assert "--decode-window 0" in capsys.readouterr().err
+
+
+def test_an_export_that_would_not_fit_exits_2_before_exporting(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_gib", lambda: 1e-6)
+    out = tmp_path / "engines"
+    assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--seconds 0.3 needs about" in err and "GiB available" in err
+    assert not list(out.glob("*/unet.onnx"))  # nothing was exported

@@ -1,0 +1,81 @@
+"""Resident memory of one ONNX Runtime CPU session, by session option: the probe behind the arena and
+decode-memory tables of bench/README.md ("Long audio").
+
+    python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/unet.onnx noarena
+    python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/decode.onnx decode-one-noarena
+
+MODE is a label whose words switch options: noarena (enable_cpu_mem_arena off), noprepack,
+nopattern (enable_mem_pattern off), t1 (one intra-op thread), memeff / prio (execution order),
+basic (ORT_ENABLE_EXTENDED, no layout transforms), nonchwc (no NCHWc transformer), one (one run
+instead of two). It prints one line: load time, resident memory after loading, the peak resident
+set of the runs (VmHWM, reset after loading), what stays resident after them, and the run times.
+Inputs are random (indices zero, masks one); run each mode in its own process.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _mb(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1)) // 1024
+
+
+def probe(path: str, mode: str) -> str:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if "noarena" in mode:
+        so.enable_cpu_mem_arena = False
+    if "noprepack" in mode:
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if "nopattern" in mode:
+        so.enable_mem_pattern = False
+    if "t1" in mode:
+        so.intra_op_num_threads = 1
+    if "memeff" in mode:
+        so.execution_order = ort.ExecutionOrder.MEMORY_EFFICIENT
+    if "prio" in mode:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if "basic" in mode:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    disabled = ["NchwcTransformer"] if "nonchwc" in mode else None
+    t = time.time()
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    load = time.time() - t
+    after_load, hwm_load = _mb("VmRSS"), _mb("VmHWM")
+    types = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+    types["tensor(float16)"] = np.float16
+    feeds = {}
+    for i in s.get_inputs():
+        dt = types[i.type]
+        if "mask" in i.name:
+            feeds[i.name] = np.ones(i.shape, dt)
+        elif dt in (np.float32, np.float16):
+            feeds[i.name] = np.random.randn(*i.shape).astype(dt)
+        else:
+            feeds[i.name] = np.zeros(i.shape, dt)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    t = time.time()
+    s.run(None, feeds)
+    r1, r2 = time.time() - t, 0.0
+    if "one" not in mode:
+        t = time.time()
+        s.run(None, feeds)
+        r2 = time.time() - t
+    return (
+        f"{mode:24s} load {load:5.1f}s rss_after_load {after_load} MB hwm_load {hwm_load} MB | run peak "
+        f"{_mb('VmHWM')} MB rss_end {_mb('VmRSS')} MB | run {r1:.1f}s {r2:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m litefocus.bench.ort_memory GRAPH.onnx MODE")
+    print(probe(sys.argv[1], sys.argv[2]), flush=True)
