@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import make_tiny_unet
+from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
 
 def pytest_addoption(parser):
@@ -34,3 +34,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def tiny_unet():
     return make_tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random AudioLDM2 (UNet, VAE, vocoder) saved as a diffusers directory, once per module."""
+    root = tmp_path_factory.mktemp("tiny-audioldm2")
+    make_tiny_unet().save_pretrained(root / "unet")
+    make_tiny_vae().save_pretrained(root / "vae")
+    make_tiny_vocoder().save_pretrained(root / "vocoder")
+    return root

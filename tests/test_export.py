@@ -13,19 +13,9 @@ from litefocus.engine import manifest as mf
 from litefocus.engine.backends import open_session
 from litefocus.export import cli, pipeline
 from litefocus.export.audit import AttentionExpectation, AuditError, audit_graph
-from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
 SECONDS = ["0.3", "0.6"]  # buckets of 8 and 16 latent frames
 FAST = ["--text-len", "8", "-q"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-audioldm2")
-    make_tiny_unet().save_pretrained(root / "unet")
-    make_tiny_vae().save_pretrained(root / "vae")
-    make_tiny_vocoder().save_pretrained(root / "vocoder")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from litefocus.engine import manifest as mf
 from litefocus.engine.chunking import decode_chunked, fade_weights, window_starts
 from litefocus.export import cli, memory, pipeline
 from litefocus.export.fused import multi_head_attention
-from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
 FAST = ["--text-len", "8", "-q"]
 
@@ -108,15 +107,6 @@ def test_chunked_decode_of_a_local_decoder_is_exact():
     assert np.allclose(got, local(latent), atol=1e-5)
     # and a decoder that is not local differs: the test can fail
     assert not np.allclose(decode_chunked(lambda x: local(x) * x.shape[2], latent, 8, 3, 4), local(latent) * 23)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-audioldm2")
-    make_tiny_unet().save_pretrained(root / "unet")
-    make_tiny_vae().save_pretrained(root / "vae")
-    make_tiny_vocoder().save_pretrained(root / "vocoder")
-    return root
 
 
 def test_chunked_decode_engine_is_within_its_recorded_bound(model_dir, tmp_path):
