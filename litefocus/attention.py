@@ -170,33 +170,28 @@ def focus_attention_packed(
     fb = freq_bins
     t = n // fb
     if not same_frequency:  # every query shares the same S keys: H heads over them
-        return attend(q, select_packed(k, global_idx), select_packed(v, global_idx), heads, scale)
+        return attend(q, select_tokens(k, global_idx, 1), select_tokens(v, global_idx, 1), heads, scale)
     q_f, k_f, v_f = (x.reshape(b, t, fb * c) for x in (q, k, v))  # [B, T, F*H*D]: F*H heads
     if global_idx is not None:
         s = global_idx.shape[-1]
 
         def shared(x: torch.Tensor) -> torch.Tensor:  # [B, N, H*D] -> [B, S, F*H*D]
-            return select_packed(x, global_idx).unsqueeze(2).expand(b, s, fb, c).reshape(b, s, fb * c)
+            return select_tokens(x, global_idx, 1).unsqueeze(2).expand(b, s, fb, c).reshape(b, s, fb * c)
 
         k_f = torch.cat([k_f, shared(k)], dim=1)  # [B, T+S, F*H*D]
         v_f = torch.cat([v_f, shared(v)], dim=1)
     return attend(q_f, k_f, v_f, fb * heads, scale).reshape(b, n, c)  # [B, T, F*H*D] -> [B, N, H*D]
 
 
-def select_packed(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: [B, N, C], idx: [S] (every row) or [B, S] (per row) -> [B, S, C]."""
+def select_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Tokens ``idx`` along axis ``dim`` of x (batch first: [B, H, N, D] with dim 2, or the packed
+    [B, N, C] with dim 1); idx: [S] (every row) or [B, S] (per row). The token axis becomes S."""
     if idx.dim() == 1:
-        return x.index_select(1, idx)
-    b, _, c = x.shape
-    return x.gather(1, idx[:, :, None].expand(b, idx.shape[1], c).to(torch.int64))
-
-
-def select_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, N, D], idx: [S] (every row) or [B, S] (per row) -> [B, H, S, D]."""
-    if idx.dim() == 1:
-        return x.index_select(2, idx)
-    b, h, _, d = x.shape
-    return x.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d).to(torch.int64))
+        return x.index_select(dim, idx)
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    index = idx.reshape(shape).expand(*x.shape[:dim], idx.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, index.to(torch.int64))
 
 
 def litefocus_attention(
