@@ -125,6 +125,12 @@ def build_run_parser() -> argparse.ArgumentParser:
         "cache key (default ./engines; a temporary one with --quick)",
     )
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="results directory")
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="on CPU, measure every row in this process (default: each row in a fresh process, so "
+        "its peak RSS is its own, not what earlier rows or the engine export left resident)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, 5 s, 2 steps: a smoke run")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     return p
@@ -204,6 +210,7 @@ def options_from_args(args, command: str, engines: Path):
             scheduler=args.scheduler,
             generate_at=None if args.generate_at is None else tuple(args.generate_at),
             time_budget_s=args.time_budget,
+            isolate=dev.type == "cpu" and not args.no_isolate,
             warmup=pick("warmup"),
             repeats=pick("repeats"),
             decode_warmup=args.decode_warmup,

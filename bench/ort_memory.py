@@ -4,10 +4,12 @@ decode-memory tables of bench/README.md ("Long audio").
     python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/unet.onnx noarena
     python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/decode.onnx decode-one-noarena
 
-MODE is a label whose words switch options: noarena (enable_cpu_mem_arena off), noprepack,
+MODE is a label whose words switch options: noarena (enable_cpu_mem_arena off), noreuse
+(enable_mem_reuse off: no buffer-reuse plan), mallopt (glibc's mmap threshold fixed at 64 KiB before
+anything loads, so freed buffers go back to the OS), noprepack,
 nopattern (enable_mem_pattern off), t1 (one intra-op thread), memeff / prio (execution order),
 basic (ORT_ENABLE_EXTENDED, no layout transforms), nonchwc (no NCHWc transformer), one (one run
-instead of two). It prints one line: load time, resident memory after loading, the peak resident
+instead of two), x5 (five). It prints one line: load time, resident memory after loading, the peak resident
 set of the runs (VmHWM, reset after loading), what stays resident after them, and the run times.
 Inputs are random (indices zero, masks one); run each mode in its own process.
 """
@@ -27,12 +29,18 @@ def _mb(field: str) -> int:
 
 
 def probe(path: str, mode: str) -> str:
+    if "mallopt" in mode:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if "noarena" in mode:
         so.enable_cpu_mem_arena = False
+    if "noreuse" in mode:
+        so.enable_mem_reuse = False
     if "noprepack" in mode:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if "nopattern" in mode:
@@ -62,16 +70,14 @@ def probe(path: str, mode: str) -> str:
         else:
             feeds[i.name] = np.zeros(i.shape, dt)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    t = time.time()
-    s.run(None, feeds)
-    r1, r2 = time.time() - t, 0.0
-    if "one" not in mode:
+    times = []
+    for _ in range(1 if "one" in mode else 5 if "x5" in mode else 2):
         t = time.time()
         s.run(None, feeds)
-        r2 = time.time() - t
+        times.append(time.time() - t)
     return (
         f"{mode:24s} load {load:5.1f}s rss_after_load {after_load} MB hwm_load {hwm_load} MB | run peak "
-        f"{_mb('VmHWM')} MB rss_end {_mb('VmRSS')} MB | run {r1:.1f}s {r2:.1f}s"
+        f"{_mb('VmHWM')} MB rss_end {_mb('VmRSS')} MB | run {' '.join(f'{x:.1f}s' for x in times)}"
     )
 
 

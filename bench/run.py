@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from litefocus.bench.flops import unet_step_flops
+from litefocus.bench.isolated import run_isolated
 from litefocus.bench.measure import (
     PeakMemory,
     device_name,
@@ -97,6 +98,7 @@ class BenchOptions:
     scheduler: str = "ddim"  # of the full generation
     generate_at: tuple[float, ...] | None = None  # buckets that run the full generation (None: all)
     time_budget_s: float | None = None  # no row starts after this many seconds of the run
+    isolate: bool = False  # each row in a fresh process (bench/isolated.py): CPU peaks per row
     quiet: bool = False
     command: str = ""
 
@@ -137,6 +139,20 @@ class BenchOptions:
         d.update(generate_at=None if self.generate_at is None else list(self.generate_at))
         d.update(out=str(self.out), litefocus=self.litefocus.to_dict())
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict, quiet: bool = False) -> BenchOptions:
+        """The inverse of ``to_dict`` (which leaves ``quiet`` out)."""
+        at = d.get("generate_at")
+        fields = {
+            **d,
+            **{k: tuple(d[k]) for k in ("seconds", "backends")},
+            **{k: Path(d[k]) for k in ("engines", "out")},
+            "generate_at": None if at is None else tuple(at),
+            "litefocus": LiteFocusConfig.from_dict(d["litefocus"]),
+            "quiet": quiet,
+        }
+        return cls(**fields)
 
 
 def git_commit() -> dict:
@@ -288,6 +304,11 @@ def run_benchmark(opts: BenchOptions, checkpoint: Path | None = None) -> dict:
                 write_record(make_record(opts, device, ceiling, rows, skipped, git, created), checkpoint)
             continue
         try:
+            if opts.isolate:
+                got, missed = run_isolated(opts, backend, bucket, spec)
+                rows.extend(got)
+                skipped.extend(missed)
+                continue  # the child logged its row
             t0 = time.perf_counter()
             target = open_target(backend, bucket, spec, models)
             setup_s = time.perf_counter() - t0

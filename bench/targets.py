@@ -203,12 +203,10 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
     return target
 
 
-def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
-    """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``, then open it."""
-    from litefocus.engine.manifest import entry_name
+def prepare_engines(backend: str, bucket: Bucket, spec: TargetSpec) -> None:
+    """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``."""
     from litefocus.export.pipeline import ExportOptions, export_engines
     from litefocus.models import parse_random_source
-    from litefocus.runtime import Runtime
 
     random_preset, weights_seed, model = None, 0, spec.source
     if spec.source.startswith("random:"):
@@ -228,6 +226,14 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         device=str(spec.device),
     )
     export_engines(opts)
+
+
+def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
+    """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``, then open it."""
+    from litefocus.engine.manifest import entry_name
+    from litefocus.runtime import Runtime
+
+    prepare_engines(backend, bucket, spec)
     runtime = Runtime.load(spec.engines, backend=backend, device=str(spec.device))
     name = entry_name(bucket, spec.precision, spec.batch)  # exactly this bucket, precision and batch
     try:

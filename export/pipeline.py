@@ -32,6 +32,7 @@ from litefocus.engine import manifest as mf
 from litefocus.engine.contract import ATTENTION_FORMS, DecodeContract, UNetContract
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
+from litefocus.export.geglu import split_geglu
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
 from litefocus.installer import self_attention_freq_bins
@@ -284,7 +285,7 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, opt
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
     device = next(module.parameters()).device
-    with fused_attention(module) if form == "fused" else contextlib.nullcontext():
+    with fused_attention(module) if form == "fused" else contextlib.nullcontext(), split_geglu(module):
         graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device)
     export_s = time.perf_counter() - t0
     bar.update()
@@ -399,7 +400,6 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     out = Path(opts.out)
     _prepare_out(out)
     components = Components(opts)
-    _check_memory(opts, components)
     config = None if opts.litefocus is None else opts.litefocus.to_dict()
     with _locked(out):
         _check_out(out)  # again, under the lock: another export may have written meanwhile
@@ -417,15 +417,16 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         return manifest, rows
 
 
-def _check_memory(opts: ExportOptions, components: Components) -> None:
-    """Refuse up front (ValueError: exit 2) buckets whose export would not fit in memory here."""
+def _check_memory(opts: ExportOptions, components: Components, seconds: list[float]) -> None:
+    """Refuse up front (ValueError: exit 2) the buckets to build (``seconds``) whose export would not
+    fit in memory here; nothing to build loads nothing."""
     from litefocus.export.memory import check_export_memory
 
-    if opts.attention != "fused":  # plain graphs hold quadratic score matrices: not modelled
+    if not seconds or opts.attention != "fused":  # plain graphs hold quadratic score matrices: not modelled
         return
     unet, _, vae, vocoder = components.models()
     params = sum(p.numel() for m in (unet, vae, vocoder) for p in m.parameters())
-    check_export_memory(opts.seconds, opts.precision, opts.decode_window, opts.device, params)
+    check_export_memory(tuple(seconds), opts.precision, opts.decode_window, opts.device, params)
 
 
 @contextlib.contextmanager
@@ -482,17 +483,21 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
     buckets = [by_frames[f] for f in sorted(by_frames)]
     rows = []
     stages = STAGES_PER_MODULE * len(MODULES)
-    jobs = [(bucket, batch) for bucket in buckets for batch in sorted(set(opts.batches))]
+    plan = []  # (bucket, batch, name, key, cached entry or None)
+    for bucket, batch in [(bucket, batch) for bucket in buckets for batch in sorted(set(opts.batches))]:
+        name = mf.entry_name(bucket, opts.precision, batch)
+        key = cache_key(opts, components.identity, bucket, batch)
+        old = manifest["entries"].get(name)
+        fresh = not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old)
+        plan.append((bucket, batch, name, key, old if fresh else None))
+    _check_memory(opts, components, [bucket.seconds for bucket, *_, cached in plan if cached is None])
     decodes: dict[int, str] = {}  # frames -> an entry of this run whose decode graph the others reuse
-    with tqdm(total=stages * len(jobs), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
-        for bucket, batch in jobs:
-            name = mf.entry_name(bucket, opts.precision, batch)
-            key = cache_key(opts, components.identity, bucket, batch)
-            old = manifest["entries"].get(name)
-            if not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old):
+    with tqdm(total=stages * len(plan), desc="litefocus-export", disable=opts.quiet, unit="stage") as bar:
+        for bucket, batch, name, key, cached in plan:
+            if cached is not None:
                 logger.info("%s: cached (key %s)", name, key[:12])
                 bar.update(stages)
-                rows.append({"entry": name, "status": "cached", **_summary(old)})
+                rows.append({"entry": name, "status": "cached", **_summary(cached)})
             else:
                 sibling = decodes.get(bucket.frames)
                 entry = _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar, sibling)

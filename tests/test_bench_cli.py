@@ -49,6 +49,7 @@ def test_quick_run_measures_every_cpu_backend(quick_run):
     assert rc == 0
     assert record == load_record(path)  # schema and required fields check out
     assert record["options"]["source"] == "random:tiny:0"
+    assert record["options"]["isolate"] is True  # CPU default: every row in a fresh process
     rows = {r["backend"]: r for r in record["rows"]}
     assert set(rows) == set(CPU_BACKENDS)
     for backend, r in rows.items():
@@ -163,9 +164,10 @@ def test_bad_run_arguments_exit_2_naming_the_value(argv, message, capsys, tmp_pa
 
 def test_decode_repeats_0_skips_the_decode_measurement(tmp_path):
     argv = ["--quick", "--backends", "litefocus", "--seconds", "1", "--steps", "1", "--decode-repeats", "0"]
-    assert cli.main([*argv, "--out", str(tmp_path), "-q"]) == 0
+    assert cli.main([*argv, "--no-isolate", "--out", str(tmp_path), "-q"]) == 0
     (path,) = tmp_path.glob("unet-cpu-*.json")
     record = load_record(path)
+    assert record["options"]["isolate"] is False  # measured in this process
     (row,) = record["rows"]
     assert all(row[f] is None for f in DECODE_FIELDS) and row["decode_repeats"] == 0
     assert row["generate_s"] > 0 and row["peak_mem_mb"] > 0  # the rest is measured as before
@@ -328,3 +330,45 @@ def test_matmul_ceiling_is_measured():
     assert math.isfinite(c["tflops"]) and c["tflops"] > 0
     assert c["tflops"] == pytest.approx(2 * 256**3 / c["ms"] / 1e9)
     assert time.perf_counter() - t0 < 30
+
+
+def test_bench_options_round_trip_through_json(tmp_path):
+    from litefocus.bench.run import BenchOptions
+    from litefocus.config import LiteFocusConfig
+
+    opts = BenchOptions(
+        seconds=(5.0, 10.0),
+        backends=("diffusers", "onnxruntime"),
+        engines=tmp_path / "e",
+        out=tmp_path / "o",
+        litefocus=LiteFocusConfig(sparse_ratio=0.2),
+        generate_at=(10.0,),
+        isolate=True,
+        quiet=True,
+    )
+    again = BenchOptions.from_dict(json.loads(json.dumps(opts.to_dict())), quiet=True)
+    assert again == opts
+
+
+def test_an_isolated_row_whose_process_dies_is_recorded_not_raised(tmp_path, monkeypatch):
+    import subprocess
+
+    from litefocus.bench import isolated
+    from litefocus.bench.run import BenchOptions
+    from litefocus.bench.targets import TargetSpec
+    from litefocus.config import LiteFocusConfig
+
+    opts = BenchOptions(seconds=(5.0,), backends=("diffusers",), out=tmp_path, isolate=True)
+    spec = TargetSpec("random:tiny:0", torch.device("cpu"), "fp32", LiteFocusConfig())
+    calls = []
+
+    def killed(cmd, check):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, -9)  # what the OOM killer leaves
+
+    monkeypatch.setattr(isolated.subprocess, "run", killed)
+    rows, skipped = isolated.run_isolated(opts, "diffusers", Bucket.for_seconds(5.0), spec)
+    assert rows == [] and skipped[0]["status"] == "oom" and "SIGKILL" in skipped[0]["reason"]
+    assert calls and calls[0][1:4] == ["-P", "-m", "litefocus.bench.isolated"]
+    child = isolated.row_options(opts, "diffusers", 5.0)
+    assert child.backends == ("diffusers",) and child.seconds == (5.0,) and not child.isolate

@@ -49,6 +49,19 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
         assert (exported / name / "unet.onnx.data").is_file()
 
 
+def test_feed_forwards_export_as_two_projections_without_copies(exported, model_dir):
+    from litefocus.models import load_components
+
+    graph = onnx.load(str(exported / "0p64s-fp32" / "unet.onnx"), load_external_data=False)
+    ff = [n for n in graph.graph.node if "/ff/net.0/" in n.name]
+    blocks = {n.name.split("/ff/")[0] for n in ff}
+    assert blocks and not [n.name for n in ff if n.op_type in ("Split", "Slice")]
+    assert sum(n.op_type == "MatMul" for n in ff) == 2 * len(blocks)  # export/geglu.py
+    # the halves replace the full projection: the weights are stored once
+    params = sum(p.numel() for p in load_components(str(model_dir))[0].parameters())
+    assert (exported / "0p64s-fp32" / "unet.onnx.data").stat().st_size < 1.05 * 4 * params
+
+
 def test_graph_inputs_follow_the_contract(exported):
     entry = mf.read_manifest(exported)["entries"]["0p64s-fp32"]
     contract = entry["modules"]["unet"]["contract"]
