@@ -306,6 +306,8 @@ def run_benchmark(opts: BenchOptions, checkpoint: Path | None = None) -> dict:
         try:
             if opts.isolate:
                 got, missed = run_isolated(opts, backend, bucket, spec)
+                for row in got:  # against this run's ceiling, as in-process rows are
+                    row["ceiling_fraction"] = row["achieved_tflops"] / ceiling["tflops"]
                 rows.extend(got)
                 skipped.extend(missed)
                 continue  # the child logged its row
