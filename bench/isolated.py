@@ -25,8 +25,6 @@ from pathlib import Path
 
 from litefocus.buckets import Bucket
 
-logger = logging.getLogger(__name__)
-
 
 def row_options(opts, backend: str, seconds: float):
     """``opts`` narrowed to one row, run in-process by the child."""
