@@ -33,6 +33,7 @@ from litefocus.engine.contract import ATTENTION_FORMS, DecodeContract, UNetContr
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
+from litefocus.export.group_norm import precise_group_norm
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
 from litefocus.installer import self_attention_freq_bins
@@ -285,7 +286,8 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, opt
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
     device = next(module.parameters()).device
-    with fused_attention(module) if form == "fused" else contextlib.nullcontext(), split_geglu(module):
+    fused = fused_attention(module) if form == "fused" else contextlib.nullcontext()
+    with fused, split_geglu(module), precise_group_norm(module):
         graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device)
     export_s = time.perf_counter() - t0
     bar.update()
