@@ -5,7 +5,8 @@ decode-memory tables of bench/README.md ("Long audio").
     python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/decode.onnx decode-one-noarena
 
 MODE is a label whose words switch options: noarena (enable_cpu_mem_arena off), noreuse
-(enable_mem_reuse off: no buffer-reuse plan), mallopt (glibc's mmap threshold fixed at 64 KiB before
+(enable_mem_reuse off: no buffer-reuse plan), samearena (the CPU arena as a process-wide
+allocator growing by exactly the requests: kSameAsRequested), mallopt (glibc's mmap threshold fixed at 64 KiB before
 anything loads, so freed buffers go back to the OS), noprepack,
 nopattern (enable_mem_pattern off), t1 (one intra-op thread), memeff / prio (execution order),
 basic (ORT_ENABLE_EXTENDED, no layout transforms), nonchwc (no NCHWc transformer), one (one run
@@ -39,6 +40,11 @@ def probe(path: str, mode: str) -> str:
     so.log_severity_level = 3
     if "noarena" in mode:
         so.enable_cpu_mem_arena = False
+    if "samearena" in mode:
+        cfg = ort.OrtArenaCfg({"arena_extend_strategy": 1})  # kSameAsRequested
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, cfg)
+        so.add_session_config_entry("session.use_env_allocators", "1")
     if "noreuse" in mode:
         so.enable_mem_reuse = False
     if "noprepack" in mode:

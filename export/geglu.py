@@ -10,11 +10,11 @@ into the halves (the export folds the slices into two initializers; the sums are
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.activations import GEGLU
+
+from litefocus.export.swap import swapped
 
 
 class SplitGEGLU(torch.nn.Module):
@@ -34,19 +34,6 @@ class SplitGEGLU(torch.nn.Module):
         return h * self.inner.gelu(g)
 
 
-@contextlib.contextmanager
 def split_geglu(*models: torch.nn.Module):
     """Every ``GEGLU`` of ``models`` replaced by ``SplitGEGLU`` inside the block, put back after."""
-    swapped = []
-    for model in models:
-        for parent in model.modules():
-            for name, child in list(parent.named_children()):
-                if type(child) is GEGLU:
-                    swapped.append((parent, name, child))
-    try:
-        for parent, name, child in swapped:
-            setattr(parent, name, SplitGEGLU(child))
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+    return swapped(models, GEGLU, SplitGEGLU)

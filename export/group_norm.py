@@ -21,10 +21,11 @@ below 2^19 and its graph is unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
+
+from litefocus.export.swap import swapped
 
 LARGE_GROUP = 2**19  # elements per group from which the exported norm is two-level
 
@@ -74,20 +75,7 @@ class SizeGatedGroupNorm(torch.nn.Module):
         return self.two_level(x) if n >= self.min_elements else self.inner(x)
 
 
-@contextlib.contextmanager
 def precise_group_norm(*models: torch.nn.Module, min_elements: int = LARGE_GROUP):
     """Every ``GroupNorm`` of ``models`` exported two-level where its group has at least
     ``min_elements`` elements, inside the block; the originals are put back after."""
-    swapped = []
-    for model in models:
-        for parent in model.modules():
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.GroupNorm:
-                    swapped.append((parent, name, child))
-    try:
-        for parent, name, child in swapped:
-            setattr(parent, name, SizeGatedGroupNorm(child, min_elements))
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
+    return swapped(models, torch.nn.GroupNorm, lambda gn: SizeGatedGroupNorm(gn, min_elements))
