@@ -55,18 +55,30 @@ def session_options(providers: list):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # No CPU memory arena: it keeps a run's peak for the session's whole life. Measured at 80 s on the
-    # CPU EP: a UNet step peaks at 3.3 GB without it against 4.1 GB with it, and leaves 1.5 GB
-    # resident against 4.1 GB (the decode: 2.0 / 0.45 GB against 3.1 / 3.1 GB), at the same speed.
-    options.enable_cpu_mem_arena = False
     if _provider_names(providers) == ["CPUExecutionProvider"]:
-        # No buffer reuse plan on the CPU: ONNX Runtime's planner keeps a dead activation's buffer for a
-        # later tensor of the same size, so every down-block buffer of the UNet waits, allocated,
-        # through the lower levels for its up-block twin. Measured at 80 s: the step's activations
-        # peak at 1.1 GB without the plan against 2.7 GB with it; with the arena also off every
-        # activation is a fresh allocation: the bench's 80 s step went from 18.5 to 20.0 s. (GPU sessions keep
-        # it: their arena reuses memory anyway, and it is unmeasured there.)
+        # On the CPU: the arena, but neither a buffer-reuse plan nor a memory pattern. ONNX Runtime's
+        # planner keeps a dead activation's buffer for a later tensor of the same size, so every
+        # down-block buffer of the UNet waits, allocated, through the lower levels for its up-block
+        # twin; the memory pattern (one block per run, planned from those lifetimes) comes on top of
+        # the arena's own free chunks. Without both, the arena holds what is live at once, carved
+        # from memory it keeps, so a step page-faults nothing. Measured at 80 s (UNet, 1.43 GB of
+        # weights; peak resident set per step): arena + neither 1.92 GB; arena + plan 2.60 GB; no
+        # arena (malloc: glibc keeps freed 1-32 MB blocks, every larger one is a fresh mmap)
+        # 2.3-3.1 GB. bench/README.md "Long audio" has the table. The decode hands its arena back
+        # after each call (``run_options``). GPU sessions keep ONNX Runtime's defaults (unmeasured).
         options.enable_mem_reuse = False
+        options.enable_mem_pattern = False
+    return options
+
+
+def run_options(contract, providers: list):
+    """RunOptions for one module: on the CPU the decode (run once per request, the largest peak)
+    frees its arena's memory after each call; a UNet keeps its arena from step to step."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    if contract.module == "decode" and _provider_names(providers) == ["CPUExecutionProvider"]:
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
 
 
@@ -198,6 +210,7 @@ class OnnxRuntimeBackend:
         self.contract = contract
         self.device = parse_device(device)
         self.session = load_session(onnx_path, contract, device, data_path)
+        self.run_options = run_options(contract, self.session.get_providers())
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is None:
@@ -205,7 +218,7 @@ class OnnxRuntimeBackend:
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }
-        (out,) = self.session.run(self.contract.output_names, feeds)
+        (out,) = self.session.run(self.contract.output_names, feeds, self.run_options)
         return out.astype(np.float32, copy=False)
 
     @property
@@ -216,7 +229,8 @@ class OnnxRuntimeBackend:
         """Buffers for one request, on the session's device (see ``Binding``)."""
         if self.session is None:
             raise RuntimeError("bind() on a closed backend")
-        return Binding(self.session, self.contract, ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0))
+        device = ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0)
+        return Binding(self.session, self.contract, device, self.run_options)
 
     def close(self) -> None:
         self.session = None
@@ -232,10 +246,10 @@ class Binding:
     CPU tests exercise what the GPU runs. One Binding per request (not shared between threads).
     """
 
-    def __init__(self, session, contract, device: tuple[str, int]):
+    def __init__(self, session, contract, device: tuple[str, int], options=None):
         import onnxruntime as ort
 
-        self._session, self._contract = session, contract
+        self._session, self._contract, self._options = session, contract, options
         self._binding = session.io_binding()
         self._values = {}
         for spec in (*contract.inputs, *contract.outputs):
@@ -256,7 +270,7 @@ class Binding:
         self._values[name].update_inplace(array)  # host -> the session's device
 
     def run(self) -> None:
-        self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
+        self._session.run_with_iobinding(self._binding, self._options)  # returns when the outputs are ready
 
     def output(self) -> np.ndarray:
         # a copy: on the CPU EP, OrtValue.numpy() is a view of the buffer the next run overwrites
