@@ -49,44 +49,35 @@ def _provider_names(providers: list) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
-def session_options(providers: list):
-    """ONNX Runtime session options for ``providers`` (see ``open_session``)."""
+def session_options(providers: list, module: str = "unet"):
+    """ONNX Runtime session options for ``providers`` and a contract's ``module`` (see ``open_session``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
     if _provider_names(providers) == ["CPUExecutionProvider"]:
-        # On the CPU: the arena, but neither a buffer-reuse plan nor a memory pattern. ONNX Runtime's
-        # planner keeps a dead activation's buffer for a later tensor of the same size, so every
-        # down-block buffer of the UNet waits, allocated, through the lower levels for its up-block
-        # twin; the memory pattern (one block per run, planned from those lifetimes) comes on top of
-        # the arena's own free chunks. Without both, the arena holds what is live at once, carved
-        # from memory it keeps, so a step page-faults nothing. Measured at 80 s (UNet, 1.43 GB of
-        # weights; peak resident set per step): arena + neither 1.92 GB; arena + plan 2.60 GB; no
-        # arena (malloc: glibc keeps freed 1-32 MB blocks, every larger one is a fresh mmap)
-        # 2.3-3.1 GB. bench/README.md "Long audio" has the table. The decode hands its arena back
-        # after each call (``run_options``). GPU sessions keep ONNX Runtime's defaults (unmeasured).
+        # On the CPU, no buffer-reuse plan and no memory pattern: ONNX Runtime's planner keeps a dead
+        # activation's buffer for a later tensor of the same size, so every down-block buffer of the
+        # UNet waits, allocated, through the lower levels for its up-block twin, and the pattern's
+        # per-run block (planned from those lifetimes) comes on top. The UNet, run once per step,
+        # keeps the arena: it then holds what is live at once, in memory it keeps, and a step
+        # page-faults nothing. Measured at 80 s (1.43 GB of weights; peak resident set per step,
+        # 3 steps): arena 1.92 GB, 18.9-19.5 s; arena + reuse plan 2.60 GB; no arena (malloc: glibc
+        # keeps freed 1-32 MB blocks, larger ones are fresh mmaps) 2.9-3.1 GB, 18.1-21.2 s. The
+        # decode, run once per request, goes without: its arena grows by doubling and at 320 s
+        # held 13.4 GB (bench/README.md, "Long audio"). GPU sessions keep the other defaults.
         options.enable_mem_reuse = False
         options.enable_mem_pattern = False
+        options.enable_cpu_mem_arena = module == "unet"
     return options
 
 
-def run_options(contract, providers: list):
-    """RunOptions for one module: on the CPU the decode (run once per request, the largest peak)
-    frees its arena's memory after each call; a UNet keeps its arena from step to step."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    if contract.module == "decode" and _provider_names(providers) == ["CPUExecutionProvider"]:
-        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-    return options
-
-
-def open_session(onnx_path: Path, providers: list | None = None):
+def open_session(onnx_path: Path, providers: list | None = None, module: str = "unet"):
     import onnxruntime as ort
 
     providers = providers or onnxruntime_providers()
-    return ort.InferenceSession(str(onnx_path), session_options(providers), providers=providers)
+    return ort.InferenceSession(str(onnx_path), session_options(providers, module), providers=providers)
 
 
 class TorchBackend:
@@ -181,7 +172,7 @@ def load_session(onnx_path: Path, contract, device: str = "cpu", data_path: Path
     if data_path is not None:
         check_external_data(onnx_path, Path(data_path))
     try:
-        session = open_session(onnx_path, providers)
+        session = open_session(onnx_path, providers, contract.module)
     except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(
@@ -210,7 +201,6 @@ class OnnxRuntimeBackend:
         self.contract = contract
         self.device = parse_device(device)
         self.session = load_session(onnx_path, contract, device, data_path)
-        self.run_options = run_options(contract, self.session.get_providers())
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is None:
@@ -218,7 +208,7 @@ class OnnxRuntimeBackend:
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }
-        (out,) = self.session.run(self.contract.output_names, feeds, self.run_options)
+        (out,) = self.session.run(self.contract.output_names, feeds)
         return out.astype(np.float32, copy=False)
 
     @property
@@ -229,8 +219,7 @@ class OnnxRuntimeBackend:
         """Buffers for one request, on the session's device (see ``Binding``)."""
         if self.session is None:
             raise RuntimeError("bind() on a closed backend")
-        device = ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0)
-        return Binding(self.session, self.contract, device, self.run_options)
+        return Binding(self.session, self.contract, ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0))
 
     def close(self) -> None:
         self.session = None
@@ -246,10 +235,10 @@ class Binding:
     CPU tests exercise what the GPU runs. One Binding per request (not shared between threads).
     """
 
-    def __init__(self, session, contract, device: tuple[str, int], options=None):
+    def __init__(self, session, contract, device: tuple[str, int]):
         import onnxruntime as ort
 
-        self._session, self._contract, self._options = session, contract, options
+        self._session, self._contract = session, contract
         self._binding = session.io_binding()
         self._values = {}
         for spec in (*contract.inputs, *contract.outputs):
@@ -270,7 +259,7 @@ class Binding:
         self._values[name].update_inplace(array)  # host -> the session's device
 
     def run(self) -> None:
-        self._session.run_with_iobinding(self._binding, self._options)  # returns when the outputs are ready
+        self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
 
     def output(self) -> np.ndarray:
         # a copy: on the CPU EP, OrtValue.numpy() is a view of the buffer the next run overwrites

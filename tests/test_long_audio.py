@@ -1,17 +1,13 @@
 """Long audio without quadratic memory: the attention forms, time-chunked decode, the memory check."""
 
-from types import SimpleNamespace
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from litefocus.attention import litefocus_attention, packed_sdpa, reference_litefocus_attention
-from litefocus.buckets import Bucket
 from litefocus.engine import manifest as mf
 from litefocus.engine.chunking import decode_chunked, fade_weights, window_starts
-from litefocus.engine.contract import DecodeContract
 from litefocus.export import cli, memory, pipeline
 from litefocus.export.fused import multi_head_attention
 
@@ -197,16 +193,12 @@ def test_an_export_that_would_not_fit_exits_2_before_exporting(model_dir, tmp_pa
     assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 0
 
 
-def test_cpu_sessions_keep_the_arena_without_reuse_plan_or_memory_pattern():
-    from litefocus.engine.backends import run_options, session_options
+def test_cpu_sessions_run_without_reuse_plan_or_memory_pattern_and_only_the_unet_keeps_an_arena():
+    from litefocus.engine.backends import session_options
 
-    cpu = session_options(["CPUExecutionProvider"])
-    assert cpu.enable_cpu_mem_arena and not cpu.enable_mem_reuse and not cpu.enable_mem_pattern
+    cpu = ["CPUExecutionProvider"]
+    unet, decode = session_options(cpu, "unet"), session_options(cpu, "decode")
+    assert unet.enable_cpu_mem_arena and not decode.enable_cpu_mem_arena
+    assert not any(o.enable_mem_reuse or o.enable_mem_pattern for o in (unet, decode))
     gpu = session_options([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     assert gpu.enable_mem_reuse and gpu.enable_mem_pattern  # unmeasured on GPUs: ONNX Runtime's defaults
-    shrink = "memory.enable_memory_arena_shrinkage"
-    decode, unet = DecodeContract(Bucket.for_seconds(0.5)), SimpleNamespace(module="unet")
-    assert run_options(decode, ["CPUExecutionProvider"]).get_run_config_entry(shrink) == "cpu:0"
-    for contract, providers in ((unet, ["CPUExecutionProvider"]), (decode, ["CUDAExecutionProvider"])):
-        with pytest.raises(RuntimeError):  # no entry: the arena is kept
-            run_options(contract, providers).get_run_config_entry(shrink)
