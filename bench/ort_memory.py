@@ -10,8 +10,9 @@ allocator growing by exactly the requests: kSameAsRequested), mallopt (glibc's m
 anything loads, so freed buffers go back to the OS), noprepack,
 nopattern (enable_mem_pattern off), t1 (one intra-op thread), memeff / prio (execution order),
 basic (ORT_ENABLE_EXTENDED, no layout transforms), nonchwc (no NCHWc transformer), one (one run
-instead of two), x5 (five). It prints one line: load time, resident memory after loading, the peak resident
-set of the runs (VmHWM, reset after loading), what stays resident after them, and the run times.
+instead of two), x3 / x5 (three / five). It prints one line: load time, resident memory after loading, each
+run's time and peak resident set (VmHWM, reset before each run), and what stays resident after them.
+The arena is on unless the mode says noarena.
 Inputs are random (indices zero, masks one); run each mode in its own process.
 """
 
@@ -75,15 +76,15 @@ def probe(path: str, mode: str) -> str:
             feeds[i.name] = np.random.randn(*i.shape).astype(dt)
         else:
             feeds[i.name] = np.zeros(i.shape, dt)
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    times = []
-    for _ in range(1 if "one" in mode else 5 if "x5" in mode else 2):
+    runs = []
+    for _ in range(1 if "one" in mode else 5 if "x5" in mode else 3 if "x3" in mode else 2):
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: each run's own peak
         t = time.time()
         s.run(None, feeds)
-        times.append(time.time() - t)
+        runs.append(f"{time.time() - t:.1f}s/{_mb('VmHWM')}MB")
     return (
-        f"{mode:24s} load {load:5.1f}s rss_after_load {after_load} MB hwm_load {hwm_load} MB | run peak "
-        f"{_mb('VmHWM')} MB rss_end {_mb('VmRSS')} MB | run {' '.join(f'{x:.1f}s' for x in times)}"
+        f"{mode:24s} load {load:5.1f}s rss_after_load {after_load} MB hwm_load {hwm_load} MB | runs (time/peak) "
+        f"{' '.join(runs)} | rss_end {_mb('VmRSS')} MB"
     )
 
 
