@@ -10,13 +10,15 @@ error relative to the output RMS:
     two-level (below)    1.6e-6  1.7e-6  2.1e-6  2.4e-6  2.7e-6  3.1e-6  4.9e-6
     PyTorch (eager)      6.1e-7  8.6e-7  7.7e-7  1.1e-6  9.7e-7  7.2e-7  7.7e-7
 
-The VAE's top level has 2^21 elements per group at 80 s and 2^23 at 320 s, so the decode's error grew
-~3x per doubling of length. ``precise_group_norm(*models)`` swaps every GroupNorm whose group has at
-least ``LARGE_GROUP`` elements for ``TwoLevelGroupNorm`` while a graph is traced: the group split
-into ~sqrt(n) chunks, the mean and the centred sum of squares reduced per chunk and then across
-chunks (ONNX Runtime's reductions are accurate at those sizes). It costs ~50% more time per norm
-(one more pass over the tensor), so smaller groups keep the single op: at 80 s every UNet group is
-below 2^19 and its graph is unchanged.
+The VAE's largest groups (the first resnet of its 256-channel up block: 8 channels x 4T x 64) have
+2^19 elements at 10 s, 2^22 at 80 s and 2^24 at 320 s, so the decode's error grew ~3x per doubling of
+length. ``precise_group_norm(*models)`` swaps every fp32 GroupNorm whose group has at least
+``LARGE_GROUP`` elements for ``TwoLevelGroupNorm`` while a graph is traced: the group split into
+~sqrt(n) chunks, the mean and the centred sum of squares reduced per chunk and then across chunks
+(ONNX Runtime's reductions are accurate at those sizes). It costs ~50% more time per norm (one more
+pass over the tensor), so smaller groups keep the single op: at 80 s every UNet group is below 2^19
+and its graph is unchanged. fp16 graphs keep the single op too: the loss is an fp32 one (fp16's own
+bound is 2e-2), and sums of squares overflow fp16.
 """
 
 from __future__ import annotations
@@ -72,10 +74,12 @@ class SizeGatedGroupNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = (x.shape[1] // self.inner.num_groups) * math.prod(x.shape[2:])
-        return self.two_level(x) if n >= self.min_elements else self.inner(x)
+        large = n >= self.min_elements and x.dtype == torch.float32
+        return self.two_level(x) if large else self.inner(x)
 
 
-def precise_group_norm(*models: torch.nn.Module, min_elements: int = LARGE_GROUP):
+def precise_group_norm(*models: torch.nn.Module, min_elements: int | None = None):
     """Every ``GroupNorm`` of ``models`` exported two-level where its group has at least
-    ``min_elements`` elements, inside the block; the originals are put back after."""
-    return swapped(models, torch.nn.GroupNorm, lambda gn: SizeGatedGroupNorm(gn, min_elements))
+    ``min_elements`` (default ``LARGE_GROUP``) elements, inside the block; the originals are put back after."""
+    threshold = LARGE_GROUP if min_elements is None else min_elements
+    return swapped(models, torch.nn.GroupNorm, lambda gn: SizeGatedGroupNorm(gn, threshold))

@@ -1,5 +1,5 @@
 """Trace-time module swaps: the exported graph computes a module differently, the eager model is
-untouched after the block (GEGLU split, two-level GroupNorm, chunked feed-forwards)."""
+untouched after the block (GEGLU split, two-level GroupNorm)."""
 
 from __future__ import annotations
 

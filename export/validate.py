@@ -95,7 +95,8 @@ def validate(
             f"{Path(onnx_path).name}: graph outputs {graph_outputs} differ from the contract's {want_outputs}"
         )
     feeds = {name: inputs[name].numpy() for name in contract.input_names}
-    got = session.run(contract.output_names, feeds)
+    # copies: ONNX Runtime's outputs are views that keep its tensors (and a UNet session's arena) alive
+    got = [np.array(g, copy=True) for g in session.run(contract.output_names, feeds)]
     provider = session.get_providers()[0]
     del session  # its arena keeps the run's peak: free it before PyTorch's reference runs
     with torch.no_grad(), full_fp32(contract.precision == "fp32"):

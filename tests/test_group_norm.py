@@ -101,3 +101,25 @@ def test_two_level_decode_validates_against_pytorch(tmp_path):
         graph, _ = export_onnx(module, contract, tmp_path / "decode.onnx")
     report = validate(graph, module, contract)
     assert report["outputs"]["waveform"]["max_rel_rms"] <= contract.tolerance
+
+
+def test_fp16_keeps_the_single_op():
+    # fp16 sums of squares overflow (a 2^10-element chunk of std 8 already exceeds 65504)
+    torch.manual_seed(0)
+    gn = torch.nn.GroupNorm(2, 8).half()
+    x = (torch.randn(1, 8, 16, 8) * 64).half()
+    with torch.no_grad():
+        assert torch.equal(SizeGatedGroupNorm(gn, 1)(x), gn(x))
+        assert torch.isfinite(SizeGatedGroupNorm(gn, 1)(x.float())).all()
+
+
+def test_the_export_pipeline_traces_large_groups_in_two_levels(model_dir, tmp_path, monkeypatch):
+    from litefocus.export import cli, group_norm
+
+    monkeypatch.setattr(group_norm, "LARGE_GROUP", 1)  # every tiny group counts as large
+    out = tmp_path / "engines"
+    assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), "--text-len", "8", "-q"]) == 0
+    (entry,) = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for module in ("unet", "decode"):
+        ops = {n.op_type for n in onnx.load(str(entry / f"{module}.onnx"), load_external_data=False).graph.node}
+        assert "ReduceL2" in ops and "InstanceNormalization" not in ops, module

@@ -202,3 +202,23 @@ def test_cpu_sessions_run_without_reuse_plan_or_memory_pattern_and_only_the_unet
     assert not any(o.enable_mem_reuse or o.enable_mem_pattern for o in (unet, decode))
     gpu = session_options([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
     assert gpu.enable_mem_reuse and gpu.enable_mem_pattern  # unmeasured on GPUs: ONNX Runtime's defaults
+
+
+@pytest.mark.parametrize("module", ["unet", "decode", "conditioning"])
+def test_engine_sessions_get_their_modules_options(module, tmp_path):
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from litefocus.engine.backends import load_session
+    from litefocus.engine.contract import TensorSpec
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    contract = SimpleNamespace(module=module, inputs=(TensorSpec("x", (2, 3), "float32"),), precision="fp32")
+    options = load_session(path, contract).get_session_options()
+    assert options.enable_cpu_mem_arena is (module == "unet")
+    assert not options.enable_mem_reuse and not options.enable_mem_pattern
