@@ -171,8 +171,9 @@ def load_session(onnx_path: Path, contract, device: str = "cpu", data_path: Path
         )
     if data_path is not None:
         check_external_data(onnx_path, Path(data_path))
+    module = contract.module  # the contract's, outside the try: its absence is a bug, not a bad graph
     try:
-        session = open_session(onnx_path, providers, contract.module)
+        session = open_session(onnx_path, providers, module)
     except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(

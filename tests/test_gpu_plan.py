@@ -214,6 +214,7 @@ def test_io_binding_equals_the_plain_call_on_the_cpu_ep(tmp_path):
     from litefocus.engine.contract import TensorSpec
 
     class Contract:
+        module = "unet"
         inputs = (TensorSpec("x", (2, 3), "float32"), TensorSpec("i", (2,), "int32"))
         outputs = (TensorSpec("y", (2, 5), "float32"),)
         input_names, output_names = ["x", "i"], ["y"]

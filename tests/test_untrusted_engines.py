@@ -426,7 +426,7 @@ def test_validation_checks_output_names_and_shapes_first(tmp_path):
     from litefocus.export.validate import ValidationError, validate
 
     class Contract:  # the parts of a contract that validate() reads
-        precision, tolerance = "fp32", 1e-4
+        module, precision, tolerance = "unet", "fp32", 1e-4
         inputs = (TensorSpec("x", (2, 3), "float32"),)
         outputs = (TensorSpec("y", (2, 4), "float32"),)
         input_names, output_names = ["x"], ["y"]
