@@ -49,7 +49,7 @@ def _provider_names(providers: list) -> list[str]:
     return [p if isinstance(p, str) else p[0] for p in providers]
 
 
-def session_options(providers: list, module: str = "unet"):
+def session_options(providers: list, module: str):
     """ONNX Runtime session options for ``providers`` and a contract's ``module`` (see ``open_session``)."""
     import onnxruntime as ort
 
@@ -73,10 +73,10 @@ def session_options(providers: list, module: str = "unet"):
     return options
 
 
-def open_session(onnx_path: Path, providers: list | None = None, module: str = "unet"):
+def open_session(onnx_path: Path, providers: list, module: str):
+    """A session of ``onnx_path`` with the options of ``providers`` and the contract's ``module``."""
     import onnxruntime as ort
 
-    providers = providers or onnxruntime_providers()
     return ort.InferenceSession(str(onnx_path), session_options(providers, module), providers=providers)
 
 

@@ -34,10 +34,12 @@ LARGE_GROUP = 2**19  # elements per group from which the exported norm is two-le
 
 def chunk_count(n: int) -> int:
     """The largest divisor of ``n`` not above sqrt(n): the number of chunks a group of ``n`` splits into."""
-    for k in range(math.isqrt(n), 0, -1):
-        if n % k == 0:
-            return k
-    raise AssertionError("unreachable: 1 divides every n")
+    return next(k for k in range(math.isqrt(n), 0, -1) if n % k == 0)
+
+
+def group_elements(x: torch.Tensor, groups: int) -> int:
+    """Elements per group of ``x`` ([B, C, ...]) under a GroupNorm of ``groups`` (static when traced)."""
+    return (x.shape[1] // groups) * math.prod(x.shape[2:])
 
 
 class TwoLevelGroupNorm(torch.nn.Module):
@@ -50,7 +52,7 @@ class TwoLevelGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gn = self.inner
         b, c, g = x.shape[0], x.shape[1], gn.num_groups
-        n = (c // g) * math.prod(x.shape[2:])  # static when traced
+        n = group_elements(x, g)
         k = chunk_count(n)
         xg = x.reshape(b, g, k, n // k)  # xg: [B, G, k, n/k]
         mean = xg.mean(-1, keepdim=True).mean(-2, keepdim=True)  # [B, G, 1, 1]
@@ -73,7 +75,7 @@ class SizeGatedGroupNorm(torch.nn.Module):
         self.inner, self.two_level, self.min_elements = inner, TwoLevelGroupNorm(inner), min_elements
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = (x.shape[1] // self.inner.num_groups) * math.prod(x.shape[2:])
+        n = group_elements(x, self.inner.num_groups)
         large = n >= self.min_elements and x.dtype == torch.float32
         return self.two_level(x) if large else self.inner(x)
 

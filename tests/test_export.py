@@ -65,7 +65,7 @@ def test_feed_forwards_export_as_two_projections_without_copies(exported, model_
 def test_graph_inputs_follow_the_contract(exported):
     entry = mf.read_manifest(exported)["entries"]["0p64s-fp32"]
     contract = entry["modules"]["unet"]["contract"]
-    session = open_session(exported / "0p64s-fp32" / "unet.onnx", ["CPUExecutionProvider"])
+    session = open_session(exported / "0p64s-fp32" / "unet.onnx", ["CPUExecutionProvider"], "unet")
     got = [(i.name, list(i.shape)) for i in session.get_inputs()]
     assert got == [(s["name"], s["shape"]) for s in contract["inputs"]]
     assert got[-1] == ("litefocus_indices_f8", [2, 20, 6])  # [B, layers, S = floor(0.1 * 8 * 8)]
@@ -303,7 +303,7 @@ def test_indices_input_changes_the_output(exported):
     from litefocus.engine.contract import UNetContract
 
     entry = mf.read_manifest(exported)["entries"]["0p32s-fp32"]
-    session = open_session(exported / "0p32s-fp32" / "unet.onnx", ["CPUExecutionProvider"])
+    session = open_session(exported / "0p32s-fp32" / "unet.onnx", ["CPUExecutionProvider"], "unet")
     contract = UNetContract(
         Bucket.for_seconds(0.3), text_len=8, gpt2_dim=12, t5_dim=20, index_levels=((8, 20),)
     )

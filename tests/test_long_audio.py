@@ -200,7 +200,7 @@ def test_cpu_sessions_run_without_reuse_plan_or_memory_pattern_and_only_the_unet
     unet, decode = session_options(cpu, "unet"), session_options(cpu, "decode")
     assert unet.enable_cpu_mem_arena and not decode.enable_cpu_mem_arena
     assert not any(o.enable_mem_reuse or o.enable_mem_pattern for o in (unet, decode))
-    gpu = session_options([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+    gpu = session_options([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"], "unet")
     assert gpu.enable_mem_reuse and gpu.enable_mem_pattern  # unmeasured on GPUs: ONNX Runtime's defaults
 
 
