@@ -15,11 +15,9 @@ level (M 8, N x N, D 48) and the VAE's mid-block (one head, N = 16 T, D 512), ba
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from litefocus.bench.measure import write_json
+from litefocus.bench.measure import cpu_ort_record, write_json
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 
@@ -164,21 +162,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['ms_p50']:.1f}" if "ms_p50" in row else "-",
                     f"{row['peak_delta_mb']:.0f}" if "peak_delta_mb" in row else "-",
                 )
-    import onnxruntime
-
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     record = {
-        "benchmark": "attention-forms",
-        "created": stamp,
-        "device": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} threads",
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
-        "command": " ".join(
-            ["python -m litefocus.bench.attention_forms", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        **cpu_ort_record("attention-forms", "litefocus.bench.attention_forms", argv),
         "rows": rows,
     }
-    write_json(args.out, f"attention-forms-cpu-{stamp}.json", record)
+    write_json(args.out, f"attention-forms-cpu-{record['created']}.json", record)
     return 0
 
 

@@ -178,6 +178,25 @@ def matmul_ceiling_tflops(
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
 
 
+def cpu_ort_record(benchmark: str, module: str, argv: list[str] | None) -> dict:
+    """The identity every CPU ONNX Runtime record starts with: what ran (``python -m module argv``),
+    when (``created``, a UTC stamp the file name reuses), on what machine and versions."""
+    import datetime as dt
+    import os
+    import sys
+
+    import onnxruntime
+
+    return {
+        "benchmark": benchmark,
+        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "device": f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} threads",
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([f"python -m {module}", *(argv if argv is not None else sys.argv[1:])]),
+    }
+
+
 def write_json(out_dir: Path, name: str, record: dict) -> Path:
     """``record`` as indented JSON at ``out_dir/name`` (atomic; the folder is created); returns the path."""
     from litefocus.engine.fileio import atomic_write_bytes

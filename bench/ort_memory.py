@@ -30,6 +30,23 @@ def _mb(field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M).group(1)) // 1024
 
 
+def random_feeds(session, seed: int = 0) -> dict:
+    """Inputs for ``session`` from its own metadata: random floats, masks one, other ints (indices) zero."""
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32}
+    types["tensor(int64)"] = np.int64
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for i in session.get_inputs():
+        dt = types[i.type]
+        if "mask" in i.name:
+            feeds[i.name] = np.ones(i.shape, dt)
+        elif dt in (np.float32, np.float16):
+            feeds[i.name] = rng.standard_normal(i.shape).astype(dt)
+        else:
+            feeds[i.name] = np.zeros(i.shape, dt)
+    return feeds
+
+
 def probe(path: str, mode: str) -> str:
     if "mallopt" in mode:
         import ctypes
@@ -65,17 +82,7 @@ def probe(path: str, mode: str) -> str:
     s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
     load = time.time() - t
     after_load, hwm_load = _mb("VmRSS"), _mb("VmHWM")
-    types = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
-    types["tensor(float16)"] = np.float16
-    feeds = {}
-    for i in s.get_inputs():
-        dt = types[i.type]
-        if "mask" in i.name:
-            feeds[i.name] = np.ones(i.shape, dt)
-        elif dt in (np.float32, np.float16):
-            feeds[i.name] = np.random.randn(*i.shape).astype(dt)
-        else:
-            feeds[i.name] = np.zeros(i.shape, dt)
+    feeds = random_feeds(s)
     runs = []
     for _ in range(1 if "one" in mode else 5 if "x5" in mode else 3 if "x3" in mode else 2):
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS: each run's own peak
