@@ -70,7 +70,7 @@ def summarize(events: list[dict], prefixes: tuple[str, ...] = ()) -> dict:
         out["share"] = round(row["seconds"] / total, 4) if total else 0.0
         if row["gflop"]:
             out["gflop"] = round(row["gflop"], 6)
-            out["gflop_per_s"] = round(row["gflop"] / row["seconds"], 1) if row["seconds"] else None
+            out["gflop_per_s"] = round(row["gflop"] / row["seconds"], 3) if row["seconds"] else None
         rows.append(out)
     return {
         "kernel_seconds": round(total, 6),
