@@ -89,12 +89,10 @@ def run_ab(setups: list[tuple[str, Path, str]], rounds: int, warmup: int = 1) ->
                 f"{label} takes {sig}, {first} takes {signatures[first]}: A/B needs the same inputs"
             )
     feeds = random_feeds(sessions[first])
-    reference = None
-    max_abs_diff = {}
-    for label, s in sessions.items():  # warm-up, and a check that the setups compute the same thing
-        out = s.run(None, feeds)[0]
-        reference = out if reference is None else reference
-        max_abs_diff[label] = float(np.abs(out.astype(np.float64) - reference).max())
+    # the first warm-up, and a check that the setups compute the same thing
+    outputs = {label: s.run(None, feeds)[0].astype(np.float64) for label, s in sessions.items()}
+    max_abs_diff = {label: float(np.abs(out - outputs[first]).max()) for label, out in outputs.items()}
+    del outputs
     for _ in range(warmup - 1):  # more untimed runs, interleaved like the timed ones
         for s in sessions.values():
             s.run(None, feeds)
