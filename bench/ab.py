@@ -149,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if len({s[0] for s in setups}) != len(setups):
         p.error("labels must differ")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    record = {
-        **cpu_ort_record("ab", "litefocus.bench.ab", argv),
-        **run_ab(setups, args.rounds, args.warmup),
-    }
+    try:
+        result = run_ab(setups, args.rounds, args.warmup)
+    except ValueError as e:  # graphs that take different inputs
+        p.error(str(e))
+    record = {**cpu_ort_record("ab", "litefocus.bench.ab", argv), **result}
     for row in record["rows"]:
         logger.info(
             "%-10s median %.2f s  paired diff vs %s %+.2f s",

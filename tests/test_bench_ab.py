@@ -70,10 +70,12 @@ def test_ab_rejects_bad_arguments_in_one_line(tmp_path, capsys, arg, message):
     assert message in capsys.readouterr().err
 
 
-def test_ab_refuses_graphs_with_different_inputs(tmp_path):
+def test_ab_refuses_graphs_with_different_inputs(tmp_path, capsys):
     a, b = _graph(tmp_path / "a.onnx"), _graph(tmp_path / "b.onnx", input_name="latent")
-    with pytest.raises(ValueError, match="A/B needs the same inputs"):
-        ab.run_ab([("a", a, "unet"), ("b", b, "unet")], rounds=1)
+    with pytest.raises(SystemExit) as exc:
+        ab.main([f"a={a}@unet", f"b={b}@unet", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "A/B needs the same inputs" in capsys.readouterr().err
 
 
 def test_ort_profile_counts_ops_flops_and_prefixes(tmp_path):
