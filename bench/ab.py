@@ -22,7 +22,6 @@ them (``litefocus-bench`` and ``ort_memory`` measure memory). The JSON goes to
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import statistics
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from litefocus.bench.measure import cpu_ort_record, write_json
 from litefocus.bench.ort_memory import random_feeds
+from litefocus.engine.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ def open_setup(path: Path, setup: str, profile_prefix: str | None = None):
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"{path}: ONNX Runtime cannot load it ({first}); give an exported .onnx graph"
+        ) from None
 
 
 def run_ab(setups: list[tuple[str, Path, str]], rounds: int, warmup: int = 1) -> dict:
@@ -113,7 +115,7 @@ def run_ab(setups: list[tuple[str, Path, str]], rounds: int, warmup: int = 1) ->
             {
                 "label": label,
                 "graph": str(path),
-                "graph_sha256": _sha256(path),
+                "graph_sha256": file_sha256(path),
                 "setup": setup,
                 "times_s": [round(t, 6) for t in times[label]],
                 "median_s": round(statistics.median(times[label]), 6),
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         result = run_ab(setups, args.rounds, args.warmup)
-    except ValueError as e:  # graphs that take different inputs
+    except ValueError as e:  # a graph that does not load, or graphs that take different inputs
         p.error(str(e))
     record = {**cpu_ort_record("ab", "litefocus.bench.ab", argv), **result}
     for row in record["rows"]:

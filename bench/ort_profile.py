@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    result = profile(args.graph, args.setup, args.warmup, tuple(args.prefix))
+    try:
+        result = profile(args.graph, args.setup, args.warmup, tuple(args.prefix))
+    except ValueError as e:  # not a graph ONNX Runtime loads
+        p.error(str(e))
     for row in result["ops"][:12]:
         logger.info(
             "%-22s %4d nodes %7.2f s %5.1f %%%s",

@@ -108,3 +108,16 @@ def test_node_flops_from_recorded_shapes():
         == 4 * 2 * 10 * 30 * 64
     )
     assert node_flops("Add", [[2, 3], [2, 3]], [2, 3]) == 0
+
+
+def test_a_graph_onnx_runtime_cannot_load_exits_2_in_one_line(tmp_path, capsys):
+    from litefocus.bench import ort_profile
+
+    good, bad = _graph(tmp_path / "a.onnx"), tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a graph")
+    with pytest.raises(SystemExit) as exc:
+        ab.main([f"a={good}@unet", f"b={bad}@unet", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "bad.onnx: ONNX Runtime cannot load it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        ort_profile.main([str(bad), "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "bad.onnx: ONNX Runtime cannot load it" in capsys.readouterr().err
