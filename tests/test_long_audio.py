@@ -60,26 +60,69 @@ class _FusedLiteFocus(torch.nn.Module):
         return litefocus_attention(q, k, v, 4, idx, attend=multi_head_attention)
 
 
-@pytest.mark.parametrize("kind", ["shared", "per-row"])
-def test_fused_op_in_onnx_runtime_matches_the_float64_reference(kind, tmp_path):
+class _FusedSameFrequencyOnly(torch.nn.Module):
+    def forward(self, q, k, v):
+        return litefocus_attention(q, k, v, 4, None, attend=multi_head_attention)
+
+
+class _FusedDense(torch.nn.Module):
+    """The dense layers' form (``PackedSelfAttnProcessor``: UNet levels without LiteFocus, the VAE)."""
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, q, k, v):  # [B, L, H * D]
+        return multi_head_attention(q, k, v, self.heads)
+
+
+def _fused_session(module, args, names, tmp_path):
     import onnxruntime as ort
 
     from litefocus.export.fold import fold_static_shapes
     from litefocus.export.fused import finish_fused_graph, fused_nodes
 
-    q, k, v = _qkv(seed=5)
-    idx = _indices(kind, 2, q.shape[2], 5, seed=6)
     path = tmp_path / "a.onnx"
-    torch.onnx.export(
-        _FusedLiteFocus(), (q, k, v, idx), str(path), dynamo=False, opset_version=18,
-        input_names=["q", "k", "v", "idx"],
-    )
+    torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=names)
     model = fold_static_shapes(onnx.load(str(path)))
     assert finish_fused_graph(model) == 1
-    (node,) = fused_nodes(model.graph)
-    assert {a.name: a.i for a in node.attribute}["num_heads"] == 2 * 4  # H * F heads
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]
+    (node,) = fused_nodes(model.graph)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return node, sess
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_fused_dense_form_in_onnx_runtime_matches_the_float64_reference(heads, tmp_path):
+    g = torch.Generator().manual_seed(11 + heads)
+    q, k, v = (torch.randn(2, 10, heads * 8, generator=g) for _ in range(3))
+    node, sess = _fused_session(_FusedDense(heads), (q, k, v), ["q", "k", "v"], tmp_path)
+    assert {a.name: a.i for a in node.attribute}["num_heads"] == heads
+    got = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+
+    def split(x):  # [B, L, H*D] -> [B, H, L, D], float64
+        return x.double().reshape(2, 10, heads, 8).transpose(1, 2)
+
+    ref = torch.softmax(split(q) @ split(k).transpose(-1, -2) / 8**0.5, dim=-1) @ split(v)
+    ref = ref.transpose(1, 2).reshape(2, 10, heads * 8).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+    assert np.abs(got - ref[:, ::-1]).max() > 1e-3  # the test can fail
+
+
+def test_fused_same_frequency_only_form_matches_the_float64_reference(tmp_path):
+    q, k, v = _qkv(seed=7)
+    node, sess = _fused_session(_FusedSameFrequencyOnly(), (q, k, v), ["q", "k", "v"], tmp_path)
+    got = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
+    ref = reference_litefocus_attention(q, k, v, 4, None).numpy()
+    assert np.abs(got - ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["shared", "per-row"])
+def test_fused_op_in_onnx_runtime_matches_the_float64_reference(kind, tmp_path):
+    q, k, v = _qkv(seed=5)
+    idx = _indices(kind, 2, q.shape[2], 5, seed=6)
+    node, sess = _fused_session(_FusedLiteFocus(), (q, k, v, idx), ["q", "k", "v", "idx"], tmp_path)
+    assert {a.name: a.i for a in node.attribute}["num_heads"] == 2 * 4  # H * F heads
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "idx": idx.numpy()}
     got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
     ref = reference_litefocus_attention(q, k, v, 4, idx).numpy()
@@ -135,9 +178,20 @@ def test_chunked_decode_engine_is_within_its_recorded_bound(model_dir, tmp_path)
     _, vae, vocoder = load_components(str(model_dir), dtype=torch.float32, device="cpu")
     with torch.no_grad():
         full = DecodeModule(vae, vocoder, samples=32 * 640)(torch.from_numpy(latent)).numpy()
+        window = DecodeModule(vae, vocoder, samples=16 * 640)
+
+        def torch_window(x):  # [1, 8, 16, 16] -> [1, 16 * 640]
+            return window(torch.from_numpy(x)).numpy()
+
+        reference = decode_chunked(torch_window, latent, 16, 4, 640)  # the same windows, in PyTorch
+        hard_cut = decode_chunked(torch_window, latent, 16, 0, 640)  # no overlap, no cross-fade
     rms = np.sqrt(np.mean(full.astype(np.float64) ** 2))
+    assert got.shape == full.shape == reference.shape
+    # the engine computes exactly the documented windows and cross-fade (ONNX Runtime vs PyTorch) ...
+    assert np.abs(got - reference).max() / rms <= 1e-4
+    assert np.abs(hard_cut - reference).max() / rms > 1e-2  # ... and the cross-fade changes the result
+    # ... and its error against the full decode is of the size the export measured and recorded
     err = np.abs(got - full).max() / rms
-    assert got.shape == full.shape
     assert err <= 2 * bound + 1e-3  # the recorded bound is for the export's own latent
 
 
@@ -162,13 +216,24 @@ def test_attention_form_resolution():
 
 
 def test_memory_check_names_the_need_and_the_option_that_fits(monkeypatch):
-    monkeypatch.setattr(memory, "available_gib", lambda: 12.0)
     full = memory.estimate_gib(320)
-    assert memory.estimate_gib(320, decode_window=20) < full
+    windowed = memory.estimate_gib(320, decode_window=memory.WINDOWS[0])
+    assert windowed < full
+    # between the two: the full decode does not fit, the longest window does
+    avail = (full + windowed) / 2 / memory.HEADROOM
+    monkeypatch.setattr(memory, "available_gib", lambda: avail)
     memory.check_export_memory((10.0,), "fp32", None)  # fits: no error
-    if full > 0.9 * 12.0:
-        with pytest.raises(ValueError, match=r"--seconds 320 needs about .* GiB.*12.0 GiB available"):
-            memory.check_export_memory((320.0,), "fp32", None)
+    memory.check_export_memory((320.0,), "fp32", memory.WINDOWS[0])  # the offered option does fit
+    with pytest.raises(ValueError) as e:
+        memory.check_export_memory((320.0,), "fp32", None)
+    msg = str(e.value)
+    assert f"--seconds 320 needs about {full:.1f} GiB" in msg and f"{avail:.1f} GiB available" in msg
+    assert f"--decode-window {memory.WINDOWS[0]:g} " in msg and f"about {windowed:.1f} GiB" in msg
+    assert "\n" not in msg
+    # nothing fits: the message names the machine it needs instead of a window
+    monkeypatch.setattr(memory, "available_gib", lambda: 1.0)
+    with pytest.raises(ValueError, match=r"needs about .* GiB.*1.0 GiB available: export on a machine with at least"):
+        memory.check_export_memory((320.0,), "fp32", None)
     # a tiny model needs next to nothing
     memory.check_export_memory((320.0,), "fp32", None, parameters=1000)
 
