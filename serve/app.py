@@ -31,6 +31,7 @@ from ray.serve.exceptions import (
 from litefocus.engine.contract import SAMPLE_RATE
 from litefocus.runtime import Runtime
 from litefocus.runtime.batching import capacity
+from litefocus.runtime.sampling import make_sampler
 from litefocus.serve.deployments import Decoder, Denoiser, StatsBoard, TextConditioner
 from litefocus.serve.http import (
     ApiError,
@@ -124,8 +125,8 @@ class Ingress:
         bucket = self._bucket(req.seconds)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         options = options_of(req, seed, s.max_steps)
-        try:
-            self.runtime.schedule.check_steps(options.steps)
+        try:  # the scheduler's own limits (DDIM's last usable step count) too, before any work starts
+            make_sampler(options.scheduler, self.runtime.schedule, options.steps)
         except ValueError as e:
             raise field_error("steps", str(e)) from None
         cond = None
