@@ -261,6 +261,15 @@ BAD = [  # body, status, field
         "conditioning",
     ),
     ({"seconds": 1, "steps": 1000, "prompt": "rain"}, 422, "steps"),  # DDIM: at most 999 here
+    (  # the scheduler's limit is checked at the ingress, before conditioning reaches a denoiser
+        {
+            "seconds": 1,
+            "steps": 1000,
+            "conditioning": {"gpt2": [[[0.0] * 4] * 8] * 2, "t5": [[[0.0] * 4] * 3] * 2, "t5_mask": [[1] * 3] * 2},
+        },
+        422,
+        "steps",
+    ),
     ({"seconds": 1, "seed": True, "prompt": "rain"}, 422, "seed"),  # strict: true is not 1
     (b"{not json", 400, "body"),
     (b"[1, 2]", 400, "body"),
