@@ -6,8 +6,9 @@
 One session (``--setup`` as in ``litefocus.bench.ab``), random inputs (indices zero, masks one),
 ``--warmup`` untimed calls, then one profiled call. Per operator type: nodes, kernel seconds, and
 for the ops that carry the FLOPs (Conv, Gemm, MatMul, FusedMatMul, MultiHeadAttention) GFLOP and
-GFLOP/s from the shapes the profiler records. ``--prefix``: kernel seconds of the nodes whose names
-start with each prefix. The JSON goes to ``bench/results/ort-profile-cpu-<stamp>.json``.
+GFLOP/s from the shapes the profiler records; the same per (operator, input shapes), the slowest
+``--shapes`` of them, to tell which layer shapes run below the machine's rate. ``--prefix``: kernel
+seconds of the nodes whose names start with each prefix. The JSON goes to ``bench/results/ort-profile-cpu-<stamp>.json``.
 """
 
 from __future__ import annotations
@@ -43,10 +44,24 @@ def node_flops(op: str, inputs: list[list[int]], output: list[int]) -> int:
     return 0
 
 
-def summarize(events: list[dict], prefixes: tuple[str, ...] = ()) -> dict:
-    """Profiler events of one or more runs -> per-op-type totals of the LAST run."""
+def _rows(groups: dict, total: float, key: str) -> list[dict]:
+    rows = []
+    for name, row in sorted(groups.items(), key=lambda kv: -kv[1]["seconds"]):
+        out = {key: name, "nodes": row["nodes"], "seconds": round(row["seconds"], 6)}
+        out["share"] = round(row["seconds"] / total, 4) if total else 0.0
+        if row["gflop"]:
+            out["gflop"] = round(row["gflop"], 6)
+            out["gflop_per_s"] = round(row["gflop"] / row["seconds"], 3) if row["seconds"] else None
+        rows.append(out)
+    return rows
+
+
+def summarize(events: list[dict], prefixes: tuple[str, ...] = (), keep_shapes: int = 0) -> dict:
+    """Profiler events of one or more runs -> per-op-type totals of the LAST run (and per op and
+    input shapes, the ``keep_shapes`` slowest)."""
     start = max(e["ts"] for e in events if e.get("name") == "model_run")
     ops: dict[str, dict] = defaultdict(lambda: {"nodes": 0, "seconds": 0.0, "gflop": 0.0})
+    by_shape: dict[str, dict] = defaultdict(lambda: {"nodes": 0, "seconds": 0.0, "gflop": 0.0})
     by_prefix = dict.fromkeys(prefixes, 0.0)
     total = 0.0
     for e in events:
@@ -56,30 +71,24 @@ def summarize(events: list[dict], prefixes: tuple[str, ...] = ()) -> dict:
         shapes = [next(iter(d.values())) for d in e["args"].get("input_type_shape", [])]
         output = next(iter(e["args"]["output_type_shape"][0].values()))
         seconds = e["dur"] / 1e6
-        row = ops[op]
-        row["nodes"] += 1
-        row["seconds"] += seconds
-        row["gflop"] += node_flops(op, shapes, output) / 1e9
+        gflop = node_flops(op, shapes, output) / 1e9
+        for row in (ops[op], by_shape[f"{op} {' x '.join(map(str, shapes))}"]):
+            row["nodes"] += 1
+            row["seconds"] += seconds
+            row["gflop"] += gflop
         total += seconds
         for p in prefixes:
             if e["name"].startswith(p):
                 by_prefix[p] += seconds
-    rows = []
-    for op, row in sorted(ops.items(), key=lambda kv: -kv[1]["seconds"]):
-        out = {"op": op, "nodes": row["nodes"], "seconds": round(row["seconds"], 6)}
-        out["share"] = round(row["seconds"] / total, 4) if total else 0.0
-        if row["gflop"]:
-            out["gflop"] = round(row["gflop"], 6)
-            out["gflop_per_s"] = round(row["gflop"] / row["seconds"], 3) if row["seconds"] else None
-        rows.append(out)
     return {
         "kernel_seconds": round(total, 6),
-        "ops": rows,
+        "ops": _rows(ops, total, "op"),
+        "shapes": _rows(by_shape, total, "shape")[:keep_shapes],
         "prefix_seconds": {p: round(s, 6) for p, s in by_prefix.items()},
     }
 
 
-def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...]) -> dict:
+def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...], shapes: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix="litefocus-profile-") as tmp:
         session = open_setup(path, setup, profile_prefix=str(Path(tmp) / "ort"))
         feeds = random_feeds(session)
@@ -87,7 +96,7 @@ def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...]) -> d
             session.run(None, feeds)
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    return summarize(events, prefixes)
+    return summarize(events, prefixes, shapes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup", choices=SETUPS, default="unet", help="session options (see litefocus.bench.ab)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the profiled one")
     p.add_argument("--prefix", nargs="*", default=[], help="node-name prefixes to total separately")
+    p.add_argument("--shapes", type=int, default=40, help="how many (operator, input shapes) groups to keep")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for the JSON file")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -103,9 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.graph} is not a file: give an .onnx graph, e.g. engines/80s-fp32/unet.onnx")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.shapes < 0:
+        p.error(f"--shapes must be >= 0, got {args.shapes}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        result = profile(args.graph, args.setup, args.warmup, tuple(args.prefix))
+        result = profile(args.graph, args.setup, args.warmup, tuple(args.prefix), args.shapes)
     except ValueError as e:  # not a graph ONNX Runtime loads
         p.error(str(e))
     for row in result["ops"][:12]:

@@ -94,6 +94,8 @@ def test_ort_profile_counts_ops_flops_and_prefixes(tmp_path):
     assert matmul["gflop_per_s"] > 0
     assert record["prefix_seconds"][""] == record["kernel_seconds"] > 0  # every node starts with ""
     assert record["prefix_seconds"]["nothing"] == 0
+    (shape,) = [r for r in record["shapes"] if r["shape"].startswith("MatMul ")]
+    assert shape["nodes"] == 1 and shape["gflop"] == matmul["gflop"] and f"[{N}, {N}]" in shape["shape"]
 
 
 def test_node_flops_from_recorded_shapes():
