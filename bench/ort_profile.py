@@ -8,7 +8,8 @@ One session (``--setup`` as in ``litefocus.bench.ab``), random inputs (indices z
 for the ops that carry the FLOPs (Conv, Gemm, MatMul, FusedMatMul, MultiHeadAttention) GFLOP and
 GFLOP/s from the shapes the profiler records; the same per (operator, input shapes), the slowest
 ``--shapes`` of them, to tell which layer shapes run below the machine's rate. ``--prefix``: kernel
-seconds of the nodes whose names start with each prefix. The JSON goes to ``bench/results/ort-profile-cpu-<stamp>.json``.
+seconds of the nodes whose names start with each prefix. The JSON goes to
+``bench/results/ort-profile-cpu-<stamp>.json``.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def summarize(events: list[dict], prefixes: tuple[str, ...] = (), keep_shapes: i
     }
 
 
-def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...], shapes: int = 0) -> dict:
+def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...], keep_shapes: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix="litefocus-profile-") as tmp:
         session = open_setup(path, setup, profile_prefix=str(Path(tmp) / "ort"))
         feeds = random_feeds(session)
@@ -96,7 +97,7 @@ def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...], shap
             session.run(None, feeds)
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    return summarize(events, prefixes, shapes)
+    return summarize(events, prefixes, keep_shapes)
 
 
 def main(argv: list[str] | None = None) -> int:
