@@ -151,8 +151,11 @@ class _VocabInputs:
         return self._contract.sample_inputs(seed, vocab_sizes=self._vocab)
 
 
-def export_conditioning(parts: dict, contract: ConditioningContract, out_dir: Path, *, seed: int = 0) -> dict:
-    """Export, validate and save the tokenizers into ``out_dir``; returns
+def export_conditioning(
+    parts: dict, contract: ConditioningContract, out_dir: Path, *, seed: int = 0, device="cpu"
+) -> dict:
+    """Export, validate (traced and run in PyTorch on the CPU; ONNX Runtime on ``device``, the
+    export's ``--device``) and save the tokenizers into ``out_dir``; returns
     {"paths": {onnx, data, tokenizer, tokenizer_2}, "tokenizers", "validation", "export_seconds"}."""
     missing = [p for p in TEXT_PARTS if parts.get(p) is None]
     if missing:
@@ -176,7 +179,7 @@ def export_conditioning(parts: dict, contract: ConditioningContract, out_dir: Pa
     graph, data = export_onnx(module, sampled, out_dir / "conditioning.onnx", seed=seed)
     export_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    validation = validate(graph, module, sampled, seed=seed + 1)
+    validation = validate(graph, module, sampled, seed=seed + 1, ort_device=device)
     validation["seconds"] = time.perf_counter() - t1
     paths = {"onnx": graph, "data": data}
     for name in ("tokenizer", "tokenizer_2"):

@@ -646,7 +646,7 @@ def _export_text(out: Path, opts: ExportOptions, components: Components, manifes
     contract = conditioning_contract(parts, opts.text_len)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mf.TEXT_DIR}-", dir=out))
     try:
-        result = export_conditioning(parts, contract, tmp)
+        result = export_conditioning(parts, contract, tmp, device=opts.device)
         record = {
             "key": key,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

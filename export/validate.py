@@ -78,16 +78,26 @@ def full_fp32(on: bool):
 
 
 def validate(
-    onnx_path: Path, module: torch.nn.Module, contract, *, seed: int = 1, providers=None, device="cpu"
+    onnx_path: Path,
+    module: torch.nn.Module,
+    contract,
+    *,
+    seed: int = 1,
+    providers=None,
+    device="cpu",
+    ort_device=None,
 ) -> dict:
     """Run graph and module on ``contract.sample_inputs(seed)``; raise ValidationError above tolerance.
 
+    The module runs on ``device``; ONNX Runtime on ``ort_device`` (default: the same), or ``providers``.
     Returns {"provider", "seed", "tolerance", "outputs": {name: {max_abs, max_rel_rms, ref_rms}}}.
     """
     inputs = contract.sample_inputs(seed)
-    session = open_session(
-        onnx_path, providers or onnxruntime_providers(precision=contract.precision), contract.module
+    ort_device = torch.device(ort_device if ort_device is not None else device)
+    providers = providers or onnxruntime_providers(
+        prefer_cuda=ort_device.type == "cuda", device_id=ort_device.index or 0, precision=contract.precision
     )
+    session = open_session(onnx_path, providers, contract.module)
     graph_outputs = [(o.name, list(o.shape), o.type) for o in session.get_outputs()]
     want_outputs = [(s.name, list(s.shape), f"tensor({_ORT_TYPES[s.dtype]})") for s in contract.outputs]
     if graph_outputs != want_outputs:

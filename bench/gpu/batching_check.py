@@ -45,6 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     export += ["--text-len", str(T5_MAX_LENGTH), "--batch", "2", "4", "8", "--precision", "fp32"]
     if export_cli.main([*export, "--device", "cpu", "-q"]) != 0:  # validated on CPU (no TF32)
         return 1
+    providers = []  # fp32 graphs on the CUDA EP vs the CPU EP (provider_check.py, beside this file)
+    if args.device == "cuda":
+        from provider_check import compare_providers
+
+        try:
+            providers = compare_providers(tmp / "engines")
+        except Exception as e:  # a diagnosis: the batching check below still runs
+            providers = [{"error": f"{type(e).__name__}: {e}"}]
+        for row in providers:
+            print(json.dumps(row))
     rt = Runtime.load(tmp / "engines", backend="onnxruntime", device=args.device)
     options = [GenerateOptions(steps=k, scheduler=s, seed=seed) for _, _, k, s, seed in REQUESTS]
     conds = [rt.text_encoder()(prompt, None, guided=True) for prompt, *_ in REQUESTS]
@@ -94,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         "rows_used": stats["rows_used"],
         "rows_run": stats["rows_run"],
         "ok": max(errors) <= TOLERANCE and min(peaks) > 1e-3,
+        "providers": providers,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "batching-check.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "requests"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("requests", "providers")}))
     return 0 if result["ok"] else 1
 
 
