@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a rehearsal)")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # the tiny model builders
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parents[1] / "tests")]  # provider_check, the tiny model builders
     from litefocus.export import cli as export_cli
     from litefocus.runtime import GenerateOptions, Runtime
     from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot

@@ -4,7 +4,8 @@ several CUDA EP settings, to tell which graphs (and which setting) move fp32 res
 The CPU EP is the reference: export validation holds it within 1e-4 of PyTorch. Variants:
 ``tf32=0`` (what the runtime and validation use for fp32 graphs), the same with ONNX Runtime's
 graph optimizations off or basic only (fusions such as FastGelu or SkipLayerNormalization come
-from the extended level), and ``tf32=1`` (the CUDA EP's default). Called by batching_check.py.
+from the extended level), ``tf32=1`` (the CUDA EP's default), and ``runtime``: the session the
+runtime itself opens (``open_session``). Called by batching_check.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {  # name: (use_tf32, graph optimization level)
+VARIANTS = {  # name: (use_tf32, graph optimization level; None: the runtime's own session options)
+    "runtime": (0, None),
     "cuda tf32=0": (0, "ORT_ENABLE_ALL"),
     "cuda tf32=0 opt=basic": (0, "ORT_ENABLE_BASIC"),
     "cuda tf32=0 opt=off": (0, "ORT_DISABLE_ALL"),
@@ -43,13 +45,20 @@ def _feeds(session, tokens: dict, seed: int) -> dict:
     return feeds
 
 
-def _run(path: Path, providers: list, level: str, feeds: dict | None, tokens: dict, seed: int):
+def _run(path: Path, providers: list, level: str | None, feeds: dict | None, tokens: dict, seed: int):
+    """``level`` None: the session the runtime opens (``open_session``: its options for the module)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    from litefocus.engine.backends import open_session
+
+    if level is None:
+        module = "conditioning" if path.name == "conditioning.onnx" else path.stem
+        session = open_session(path, providers, module)
+    else:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     feeds = feeds if feeds is not None else _feeds(session, tokens, seed)
     names = [o.name for o in session.get_outputs()]
     return feeds, dict(zip(names, session.run(names, feeds), strict=True)), session.get_providers()[0]
