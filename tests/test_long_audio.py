@@ -269,6 +269,20 @@ def test_cpu_sessions_run_without_reuse_plan_or_memory_pattern_and_only_the_unet
     assert gpu.enable_mem_reuse and gpu.enable_mem_pattern  # unmeasured on GPUs: ONNX Runtime's defaults
 
 
+def test_the_text_graph_runs_with_basic_optimizations_on_the_cuda_ep_only():
+    """On an H200 the CUDA EP's extended fusions moved the text graph's GPT-2 states by 3.5e-4 of their
+    RMS (fp32 tolerance 1e-4; basic: 2.4e-6): that graph alone gets basic optimizations there."""
+    import onnxruntime as ort
+
+    from litefocus.engine.backends import session_options
+
+    level = ort.GraphOptimizationLevel
+    cuda = [("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}), "CPUExecutionProvider"]
+    assert session_options(cuda, "conditioning").graph_optimization_level == level.ORT_ENABLE_BASIC
+    for providers, module in ((cuda, "unet"), (cuda, "decode"), (["CPUExecutionProvider"], "conditioning")):
+        assert session_options(providers, module).graph_optimization_level == level.ORT_ENABLE_ALL
+
+
 @pytest.mark.parametrize("module", ["unet", "decode", "conditioning"])
 def test_engine_sessions_get_their_modules_options(module, tmp_path):
     from types import SimpleNamespace

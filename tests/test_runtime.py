@@ -384,3 +384,30 @@ def test_fp32_graphs_run_without_tf32_on_the_cuda_ep(monkeypatch):
     assert fp32 == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]
     assert onnxruntime_providers(precision="fp16")[0] == ("CUDAExecutionProvider", {"device_id": 0})
     assert onnxruntime_providers(prefer_cuda=False) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(("device", "ort_device", "cuda"), [("cpu", None, False), ("cpu", "cuda:1", True)])
+def test_validation_runs_onnx_runtime_on_the_exports_device(monkeypatch, device, ort_device, cuda):
+    """``--device cpu`` validates on the CPU EP even where a CUDA EP is installed (it took the CUDA EP,
+    and a GPU machine's export then failed on fused kernels it was not asked to run); the text engine,
+    traced on the CPU, is validated on the export's device through ``ort_device``."""
+    import onnxruntime as ort
+    import torch
+
+    from litefocus.export import validate as validate_mod
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    seen = []
+
+    def fake_open(path, providers, module):
+        seen.append(providers)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(validate_mod, "open_session", fake_open)
+    contract = type("C", (), {"precision": "fp32", "module": "unet", "sample_inputs": lambda self, seed: {}})()
+    with pytest.raises(RuntimeError, match="stop here"):
+        validate_mod.validate("g.onnx", torch.nn.Identity(), contract, device=device, ort_device=ort_device)
+    want = [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]
+    assert seen == [want if cuda else ["CPUExecutionProvider"]]
