@@ -209,3 +209,22 @@ def test_a_single_request_opens_only_the_engine_that_holds_it(engines, monkeypat
         assert (
             rt.entry_for("0p64s-fp32", 2) == "0p64s-fp32" and rt.entry_for("0p64s-fp32", 1) == "0p64s-fp32-b1"
         )
+
+
+def test_the_gpu_checks_provider_comparison_runs_every_fp32_graph_on_its_contracts_inputs(engines):
+    """bench/gpu/provider_check.py (run on a lent GPU by batching_check.py) covers the text engine and
+    each entry's UNet and decode; without a CUDA EP every variant falls back to the CPU EP, so the
+    differences are ONNX Runtime's own optimization levels only, far inside the fp32 tolerances."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu"))
+    try:
+        from provider_check import VARIANTS, compare_providers
+    finally:
+        sys.path.pop(0)
+    rows = compare_providers(engines)
+    entries = sorted(mf.read_manifest(engines)["entries"])
+    graphs = ["text"] + [f"{e}/{m}" for e in entries for m in ("unet", "decode")]
+    assert [(r["graph"], r["variant"]) for r in rows] == [(g, v) for g in graphs for v in VARIANTS]
+    assert max(o["max_rel_rms"] for r in rows for o in r["outputs"].values()) < 1e-4
