@@ -83,18 +83,17 @@ def validate(
     contract,
     *,
     seed: int = 1,
-    providers=None,
     device="cpu",
     ort_device=None,
 ) -> dict:
     """Run graph and module on ``contract.sample_inputs(seed)``; raise ValidationError above tolerance.
 
-    The module runs on ``device``; ONNX Runtime on ``ort_device`` (default: the same), or ``providers``.
+    The module runs on ``device``; ONNX Runtime on ``ort_device`` (default: the same).
     Returns {"provider", "seed", "tolerance", "outputs": {name: {max_abs, max_rel_rms, ref_rms}}}.
     """
     inputs = contract.sample_inputs(seed)
     ort_device = torch.device(ort_device if ort_device is not None else device)
-    providers = providers or onnxruntime_providers(
+    providers = onnxruntime_providers(
         prefer_cuda=ort_device.type == "cuda", device_id=ort_device.index or 0, precision=contract.precision
     )
     session = open_session(onnx_path, providers, contract.module)

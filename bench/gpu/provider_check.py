@@ -5,17 +5,15 @@ The CPU EP is the reference: export validation holds it within 1e-4 of PyTorch. 
 ``tf32=0`` (what the runtime and validation use for fp32 graphs), the same with ONNX Runtime's
 graph optimizations off or basic only (fusions such as FastGelu or SkipLayerNormalization come
 from the extended level), ``tf32=1`` (the CUDA EP's default), and ``runtime``: the session the
-runtime itself opens (``open_session``). Called by batching_check.py.
+runtime itself opens (``session_options``); every variant keeps its other options. Called by
+batching_check.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
-
-VARIANTS = {  # name: (use_tf32, graph optimization level; None: the runtime's own session options)
+VARIANTS = {  # name: (use_tf32, graph optimization level; None: the runtime's own for the module)
     "runtime": (0, None),
     "cuda tf32=0": (0, "ORT_ENABLE_ALL"),
     "cuda tf32=0 opt=basic": (0, "ORT_ENABLE_BASIC"),
@@ -25,18 +23,16 @@ VARIANTS = {  # name: (use_tf32, graph optimization level; None: the runtime's o
 
 
 def _run(path: Path, contract, providers: list, level: str | None, feeds: dict):
-    """``level`` None: the session the runtime opens (``open_session``: its options for the module)."""
+    """A session with the runtime's options for the module (``session_options``), its graph
+    optimization level replaced by ``level`` unless None."""
     import onnxruntime as ort
 
-    from litefocus.engine.backends import open_session
+    from litefocus.engine.backends import session_options
 
-    if level is None:
-        session = open_session(path, providers, contract.module)
-    else:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+    options = session_options(providers, contract.module)
+    if level is not None:
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-        session = ort.InferenceSession(str(path), options, providers=providers)
+    session = ort.InferenceSession(str(path), options, providers=providers)
     names = contract.output_names
     return dict(zip(names, session.run(names, feeds), strict=True)), session.get_providers()[0]
 
@@ -44,10 +40,11 @@ def _run(path: Path, contract, providers: list, level: str | None, feeds: dict):
 def _graphs(engines: Path) -> list[tuple[str, Path, object]]:
     """(label, graph, contract) of the text engine and every fp32 entry's modules, the contracts
     rebuilt from the manifest as the runtime rebuilds them."""
+    from litefocus.engine import manifest as mf
     from litefocus.engine.contract import ConditioningContract, LiteFocusConfig
     from litefocus.runtime.engines import contracts
 
-    manifest = json.loads((engines / "manifest.json").read_text())
+    manifest = mf.read_manifest(engines)
     config = manifest.get("litefocus")
     config = None if config is None else LiteFocusConfig.from_dict(config)
     graphs = []
@@ -71,6 +68,8 @@ def _graphs(engines: Path) -> list[tuple[str, Path, object]]:
 def compare_providers(engines: Path, seed: int = 1) -> list[dict]:
     """One row per (graph, variant): max |CUDA - CPU| / RMS(CPU) and max abs, per output, on the
     contract's own sample inputs (those validation uses)."""
+    from litefocus.export.validate import compare
+
     rows = []
     for label, path, contract in _graphs(engines):
         feeds = contract.numpy_inputs(seed)
@@ -78,10 +77,6 @@ def compare_providers(engines: Path, seed: int = 1) -> list[dict]:
         for variant, (tf32, level) in VARIANTS.items():
             providers = [("CUDAExecutionProvider", {"use_tf32": tf32}), "CPUExecutionProvider"]
             got, provider = _run(path, contract, providers, level, feeds)
-            errors = {}
-            for out, w in want.items():
-                d = np.abs(got[out].astype(np.float64) - w)
-                rms = float(np.sqrt(np.mean(np.square(w, dtype=np.float64)))) or 1.0
-                errors[out] = {"max_rel_rms": float(d.max() / rms), "max_abs": float(d.max())}
+            errors = {out: compare(got[out], w) for out, w in want.items()}
             rows.append({"graph": label, "variant": variant, "provider": provider, "outputs": errors})
     return rows
