@@ -57,7 +57,7 @@ def open_setup(path: Path, setup: str, profile_prefix: str | None = None):
     ``profile_prefix``*, when given)."""
     import onnxruntime as ort
 
-    from litefocus.engine.backends import session_options
+    from litefocus.engine.backends import open_session, session_options
 
     providers = ["CPUExecutionProvider"]
     if setup == "defaults":
@@ -69,7 +69,9 @@ def open_setup(path: Path, setup: str, profile_prefix: str | None = None):
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        if setup == "defaults":
+            return ort.InferenceSession(str(path), options, providers=providers)
+        return open_session(path, providers, setup, options)
     except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ValueError(

@@ -78,11 +78,28 @@ def session_options(providers: list, module: str):
     return options
 
 
-def open_session(onnx_path: Path, providers: list, module: str):
-    """A session of ``onnx_path`` with the options of ``providers`` and the contract's ``module``."""
+def disabled_optimizers(providers: list, module: str) -> list[str]:
+    """ONNX Runtime graph optimizers turned off for ``providers`` and ``module``.
+
+    On the CPU, constant folding is off for the UNet and the decode: a graph with Winograd 3x3
+    convolutions (export/winograd.py) computes each transform-domain weight U = G w G^T per call
+    from the stored weight (about 1 ms a conv), and folding would store every U instead: (m+2)^2 / 9
+    times the weight, +0.5 GB for the 80 s UNet. The exporter folded everything else already."""
+    cpu_only = _provider_names(providers) == ["CPUExecutionProvider"]
+    return ["ConstantFolding"] if cpu_only and module in ("unet", "decode") else []
+
+
+def open_session(onnx_path: Path, providers: list, module: str, options=None):
+    """A session of ``onnx_path`` with the options of ``providers`` and the contract's ``module``
+    (``options``: ``session_options``'s, changed by the caller, e.g. to profile)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(onnx_path), session_options(providers, module), providers=providers)
+    return ort.InferenceSession(
+        str(onnx_path),
+        options if options is not None else session_options(providers, module),
+        providers=providers,
+        disabled_optimizers=disabled_optimizers(providers, module),
+    )
 
 
 class TorchBackend:

@@ -28,6 +28,10 @@ GPT2_TOKENS = 8  # AudioLDM2's language model generates 8 conditioning tokens
 #   "fused": ONNX Runtime's com.microsoft.MultiHeadAttention (tiled; ONNX Runtime only),
 #   "plain": MatMul-Softmax-MatMul (any ONNX runtime; TensorRT fuses it itself).
 ATTENTION_FORMS = ("fused", "plain")
+# How a graph's 3x3 convolutions are expressed (recorded per module in the manifest):
+#   "winograd": F(4x4, 3x3) / F(2x2, 3x3) out of plain ops (export/winograd.py; ONNX Runtime's CPU EP),
+#   "direct": one Conv node each (GPUs: cuDNN and TensorRT choose Winograd kernels themselves).
+CONV_FORMS = ("direct", "winograd")
 FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP = "com.microsoft", "MultiHeadAttention"
 
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+from onnx import helper
 
 from litefocus.engine.contract import ATTENTION_FORMS as FORMS
+from litefocus.engine.contract import CONV_FORMS
 from litefocus.engine.contract import FUSED_ATTENTION_DOMAIN as CONTRIB_DOMAIN
 from litefocus.engine.contract import FUSED_ATTENTION_OP as FUSED_OP
 
@@ -211,6 +213,8 @@ class AuditReport:
     nodes: int = 0
     attention_shapes: dict[str, int] = field(default_factory=dict)  # "q x k" -> count of attentions
     attention_form: str = "plain"
+    conv_form: str = "direct"
+    direct_3x3_convs: int = 0  # plain 3x3 convolutions (stride 1, pad 1) left as Conv nodes
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -219,6 +223,8 @@ class AuditReport:
             "ops": self.ops,
             "attention_form": self.attention_form,
             "attention_shapes": self.attention_shapes,
+            "conv_form": self.conv_form,
+            "direct_3x3_convs": self.direct_3x3_convs,
             "trt_ops_source": TRT_OPS_SOURCE,
         }
 
@@ -250,6 +256,25 @@ def inspect_graph(onnx_path: Path) -> tuple[onnx.ModelProto, AuditReport]:
     return inferred, report
 
 
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def is_winograd_conv(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> bool:
+    """A plain 3x3 convolution: stride 1, dilation 1, padding 1 on every side, one group, 2-D."""
+    if node.op_type != "Conv" or weight_shape is None or len(weight_shape) != 4:
+        return False
+    a = _attrs(node)
+    return (
+        tuple(weight_shape[2:]) == (3, 3)
+        and tuple(a.get("strides", (1, 1))) == (1, 1)
+        and tuple(a.get("dilations", (1, 1))) == (1, 1)
+        and a.get("group", 1) == 1
+        and tuple(a.get("pads", (0, 0, 0, 0))) == (1, 1, 1, 1)
+        and a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+    )
+
+
 def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -271,15 +296,18 @@ def attention_shapes(graph: onnx.GraphProto, known: dict) -> Counter:
 
 
 def audit_graph(
-    onnx_path: Path, attention: tuple[AttentionExpectation, ...] = (), form: str = "plain"
+    onnx_path: Path, attention: tuple[AttentionExpectation, ...] = (), form: str = "plain", conv: str = "direct"
 ) -> AuditReport:
     """Run every check; raise AuditError listing all problems, or return the report.
 
-    ``form``: "plain" (MatMul-Softmax-MatMul, TensorRT-ready) or "fused" (ONNX Runtime's fused op)."""
+    ``form``: "plain" (MatMul-Softmax-MatMul, TensorRT-ready) or "fused" (ONNX Runtime's fused op).
+    ``conv``: "direct" or "winograd" (then no plain 3x3 convolution may be left as a Conv node)."""
     if form not in FORMS:
         raise ValueError(f"attention form must be one of {', '.join(FORMS)}, got {form!r}")
+    if conv not in CONV_FORMS:
+        raise ValueError(f"conv form must be one of {', '.join(CONV_FORMS)}, got {conv!r}")
     model, report = inspect_graph(onnx_path)
-    report.attention_form = form
+    report.attention_form, report.conv_form = form, conv
     allowed = TRT_SUPPORTED_OPS | ({f"{CONTRIB_DOMAIN}.{FUSED_OP}"} if form == "fused" else set())
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
@@ -302,6 +330,13 @@ def audit_graph(
     fused = report.ops.get(f"{CONTRIB_DOMAIN}.{FUSED_OP}", 0)
     if form == "plain" and fused:
         report.problems.append(f"{fused} fused attention node(s) in a graph of the plain form")
+
+    weight_dims = {i.name: tuple(i.dims) for i in graph.initializer}
+    report.direct_3x3_convs = sum(
+        is_winograd_conv(n, weight_dims.get(n.input[1])) for n in graph.node if n.op_type == "Conv"
+    )
+    if conv == "winograd" and report.direct_3x3_convs:
+        report.problems.append(f"{report.direct_3x3_convs} direct 3x3 convolution(s) in a graph of the winograd form")
 
     shapes = attention_shapes(graph, known)
     report.attention_shapes = {f"{q}x{k}": c for (q, k), c in sorted(shapes.items())}

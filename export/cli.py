@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with --backend tensorrt (TensorRT fuses attention itself)",
     )
     p.add_argument(
+        "--conv",
+        choices=["auto", "winograd", "direct"],
+        default="auto",
+        help="how the UNet's 3x3 convolutions are expressed. winograd: F(4x4, 3x3) out of plain ops, "
+        "1.3-2.1x faster per conv on ONNX Runtime's CPU EP (error ~2e-5 of the output RMS per conv); "
+        "direct: one Conv node each. auto: winograd for fp32 CPU exports, else direct (GPU, TensorRT, fp16)",
+    )
+    p.add_argument(
         "--decode-window",
         type=float,
         default=None,
@@ -189,6 +197,7 @@ def options_from_args(args: argparse.Namespace):
         text=not args.no_text,
         attention=args.attention,
         decode_window=args.decode_window,
+        conv=args.conv,
     )
 
 
@@ -232,7 +241,7 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from litefocus.export.audit import AuditError
-    from litefocus.export.pipeline import export_engines, resolve_attention, resolve_backend
+    from litefocus.export.pipeline import export_engines, resolve_attention, resolve_backend, resolve_conv
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.export.validate import ValidationError
 
@@ -244,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args)
         backend = resolve_backend(opts.backend)
-        opts = dataclasses.replace(opts, backend=backend, attention=resolve_attention(opts.attention, backend))
+        opts = dataclasses.replace(
+            opts,
+            backend=backend,
+            attention=resolve_attention(opts.attention, backend),
+            conv=resolve_conv(opts.conv, backend, opts.device, opts.precision),
+        )
         manifest, rows = export_engines(opts)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)

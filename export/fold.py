@@ -24,8 +24,19 @@ logger = logging.getLogger(__name__)
 MAX_FOLDED_ELEMENTS = 1 << 16  # only shape-like / small tensors are folded
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Every fully static tensor shape of ``model`` (weights loaded or not), inferred on a weight-free
+    copy: initializers above ``MAX_FOLDED_ELEMENTS`` become typed inputs, so a graph of any size stays
+    under protobuf's 2 GB limit, and shape constants keep their values for ``data_prop``."""
+    small, large = [], []
+    for t in model.graph.initializer:
+        (small if np.prod(t.dims, dtype=np.int64) <= MAX_FOLDED_ELEMENTS else large).append(t)
+    typed = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in large]
+    light = helper.make_graph(
+        model.graph.node, model.graph.name, [*model.graph.input, *typed], model.graph.output, small
+    )
+    light_model = helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light_model, data_prop=True)
     out = {}
     for vi in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         t = vi.type.tensor_type
@@ -80,7 +91,7 @@ def fold_static_shapes(model: onnx.ModelProto, max_rounds: int = 50) -> onnx.Mod
     graph_outputs = {o.name for o in graph.output}
     total = 0
     for _ in range(max_rounds):
-        shapes, consts = _static_shapes(model), _small_constants(graph)
+        shapes, consts = static_shapes(model), _small_constants(graph)
         new_nodes, folded = [], 0
         for node in graph.node:
             replacement = None

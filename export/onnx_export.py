@@ -20,6 +20,7 @@ from litefocus.config import LiteFocusConfig
 from litefocus.engine.contract import UNetContract, index_input_name
 from litefocus.export.fold import drop_unused, fold_static_shapes
 from litefocus.export.fused import finish_fused_graph
+from litefocus.export.winograd import rewrite_convs
 from litefocus.installer import self_attention_freq_bins
 
 logger = logging.getLogger(__name__)
@@ -79,12 +80,19 @@ class UNetExportModule(torch.nn.Module):
 
 
 def export_onnx(
-    module: torch.nn.Module, contract, onnx_path: Path, *, seed: int = 0, device: torch.device | str = "cpu"
+    module: torch.nn.Module,
+    contract,
+    onnx_path: Path,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    conv: str = "direct",
 ) -> tuple[Path, Path]:
     """Trace ``module`` at the contract's static shapes into ``onnx_path`` + ``<name>.data``.
 
     The module must already be in the contract's precision and on ``device`` (fp16 is traced on a
-    GPU: CPU fp16 kernels are slow or missing). Returns (graph, weights) paths.
+    GPU: CPU fp16 kernels are slow or missing). ``conv="winograd"`` rewrites its 3x3 convolutions
+    (``export/winograd.py``). Returns (graph, weights) paths.
     """
     onnx_path = Path(onnx_path)
     raw_dir = onnx_path.parent / (onnx_path.stem + ".raw")
@@ -107,6 +115,8 @@ def export_onnx(
     # one external-data file, then fold the shape arithmetic on the weight-free graph
     data_name = onnx_path.name + ".data"
     model = onnx.load(str(raw), load_external_data=True)
+    if conv == "winograd":
+        logger.info("%s: %d 3x3 convolutions in Winograd form", onnx_path.name, rewrite_convs(model))
     onnx.save_model(
         model,
         str(onnx_path),

@@ -27,12 +27,12 @@ def _run(path: Path, contract, providers: list, level: str | None, feeds: dict):
     optimization level replaced by ``level`` unless None."""
     import onnxruntime as ort
 
-    from litefocus.engine.backends import session_options
+    from litefocus.engine.backends import open_session, session_options
 
     options = session_options(providers, contract.module)
     if level is not None:
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    session = open_session(path, providers, contract.module, options)
     names = contract.output_names
     return dict(zip(names, session.run(names, feeds), strict=True)), session.get_providers()[0]
 
