@@ -33,6 +33,13 @@ from onnx import helper, numpy_helper
 from litefocus.export.audit import is_winograd_conv
 from litefocus.export.fold import static_shapes
 
+# The transform-domain input V of one conv is (m+2)^2 / m^2 times its input (2.25x for F(4, 3)), and
+# with its copies (ONNX Runtime's NCHWc reorder, the transpose) it is live about three times over:
+# a conv whose V would exceed this is computed in row chunks. Measured on the 80 s UNet step (peak
+# resident set; direct graph 1920 MB): unchunked 2484 MB, 64 MB chunks 1968 MB, 24 MB chunks 1894 MB,
+# and the chunks cost no measurable time (paired A/B, bench/README.md).
+CHUNK_BYTES = 24 << 20
+
 # The finite interpolation points of F(m, 3) (the last point is infinity). For F(4, 3) the usual
 # 0, +-1, +-2 give a max error of 4.3e-5 of the output's RMS per 256-channel conv in fp32;
 # 0, +-1, 2, -1/2 give 1.8e-5 (Barabasz et al., "Error analysis and improving the accuracy of
@@ -81,6 +88,7 @@ def conv_nodes(
     weight: np.ndarray,
     m: int,
     shared: dict[str, onnx.TensorProto],
+    chunk_bytes: int = 1 << 62,
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes and initializers that compute ``y = Conv(x, weight, bias)`` (3x3, pad 1) by F(m, 3).
 
@@ -91,7 +99,6 @@ def conv_nodes(
     bt, g, at = winograd_matrices(m)
     a = m + 2
     th, tw = -(-h // m), -(-w // m)
-    p = th * tw
     dtype = weight.dtype
 
     def name_of(s: str) -> str:
@@ -119,7 +126,9 @@ def conv_nodes(
     # y = A^T M A per tile, as a transposed conv over the a^2 transform-domain values of each channel
     w_out = shared_const(
         f"w_out_{co}",
-        lambda: np.broadcast_to(np.einsum("px,qy->xypq", at, at), (co, a, a, m, m)).reshape(co * a * a, 1, m, m),
+        lambda: np.broadcast_to(np.einsum("px,qy->xypq", at, at), (co, a, a, m, m)).reshape(
+            co * a * a, 1, m, m
+        ),
     )
 
     # U = G w G^T per call from the weight (stored as [9, Co*C], the same bytes): [a^2, 9] x [9, Co*C]
@@ -127,31 +136,49 @@ def conv_nodes(
     w_perm = weight.transpose(2, 3, 0, 1).reshape(9, co * c)
     u_flat = op("MatMul", [k, const("weight", w_perm)], "u_flat")
     u = op("Reshape", [u_flat, const("u_shape", np.array([a * a, co, c], np.int64))], "u")  # [a^2, Co, C]
-    pads = [1, 1, th * m + 1 - h, tw * m + 1 - w]  # tiles cover the padded map; extra rows/cols are zeros
-    x1 = op("Reshape", [x, const("s_in", np.array([b * c, 1, h, w], np.int64))], "x_planes")
-    v0 = op("Conv", [x1, w_in], "v", kernel_shape=[a, a], strides=[m, m], pads=pads)
-    v1 = op("Reshape", [v0, const("s_v", np.array([b, c, a * a, p], np.int64))], "v_flat")
-    v2 = op("Transpose", [v1], "v_t", perm=[0, 2, 1, 3])  # [B, a^2, C, P]
-    m0 = op("MatMul", [u, v2], "m")  # [B, a^2, Co, P]
-    m1 = op("Transpose", [m0], "m_t", perm=[0, 2, 1, 3])  # [B, Co, a^2, P]
-    m2 = op("Reshape", [m1, const("s_m", np.array([b, co * a * a, th, tw], np.int64))], "m_tiles")
-    inputs = [m2, w_out] + ([bias] if bias else [])
+    # tiles cover the padded map (extra rows/cols are zeros); in row chunks when the transform-domain
+    # input V would exceed chunk_bytes (it is (m+2)^2 / m^2 times the input: 2.25x for F(4, 3))
+    pads = [1, 1, th * m + 1 - h, tw * m + 1 - w]
+    tile_row_bytes = b * c * a * a * tw * weight.itemsize
+    n_chunks = min(th, max(1, -(-th * tile_row_bytes // chunk_bytes)))
+    bounds = [th * i // n_chunks for i in range(n_chunks + 1)]
+    pieces = [(x, th, [b * c, 1, h, w], pads)]
+    if n_chunks > 1:  # each chunk's input rows with their 1-row halo (the conv pads the map's own edges)
+        pieces = []
+        for i, (t0, t1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            r0, r1 = max(t0 * m - 1, 0), min(t1 * m + 1, h)  # padded rows t0*m .. t1*m+2, unpadded
+            top, bottom = r0 - (t0 * m - 1), (t1 * m + 1) - r1
+            rows = op(
+                "Slice",
+                [x, const(f"r0_{i}", np.array([r0], np.int64)), const(f"r1_{i}", np.array([r1], np.int64)),
+                 const(f"ax_{i}", np.array([2], np.int64))],
+                f"x_rows{i}",
+            )  # fmt: skip
+            planes = [b * c, 1, r1 - r0, w]
+            pieces.append((rows, t1 - t0, planes, [top, pads[1], bottom, pads[3]]))
+    tiles = []
+    for i, (src, n, planes, conv_pads) in enumerate(pieces):
+        p = n * tw
+        x1 = op("Reshape", [src, const(f"s_in{i}", np.array(planes, np.int64))], f"x_planes{i}")
+        v0 = op("Conv", [x1, w_in], f"v{i}", kernel_shape=[a, a], strides=[m, m], pads=conv_pads)
+        v1 = op("Reshape", [v0, const(f"s_v{i}", np.array([b, c, a * a, p], np.int64))], f"v_flat{i}")
+        v2 = op("Transpose", [v1], f"v_t{i}", perm=[0, 2, 1, 3])  # [B, a^2, C, P]
+        m0 = op("MatMul", [u, v2], f"m{i}")  # [B, a^2, Co, P]
+        m1 = op("Transpose", [m0], f"m_t{i}", perm=[0, 2, 1, 3])  # [B, Co, a^2, P]
+        m2 = op("Reshape", [m1, const(f"s_m{i}", np.array([b, co * a * a, n, tw], np.int64))], f"m_tiles{i}")
+        inputs = [m2, w_out] + ([bias] if bias else [])  # -> [B, Co, n*m, tw*m]
+        tiles.append(op("ConvTranspose", inputs, f"y{i}", kernel_shape=[m, m], strides=[m, m], group=co))
+    full = tiles[0] if len(tiles) == 1 else op("Concat", tiles, "y_rows", axis=2)
     if (th * m, tw * m) == (h, w):
-        nodes.append(
-            helper.make_node(
-                "ConvTranspose", inputs, [y], name=name_of("y"), kernel_shape=[m, m], strides=[m, m], group=co
-            )
-        )
+        nodes.append(helper.make_node("Identity", [full], [y], name=name_of("y")))
     else:
-        y0 = op("ConvTranspose", inputs, "y_tiles", kernel_shape=[m, m], strides=[m, m], group=co)
         starts, ends = const("starts", np.array([0, 0], np.int64)), const("ends", np.array([h, w], np.int64))
-        nodes.append(
-            helper.make_node("Slice", [y0, starts, ends, const("axes", np.array([2, 3], np.int64))], [y], name=name_of("y"))
-        )
+        axes = const("axes", np.array([2, 3], np.int64))
+        nodes.append(helper.make_node("Slice", [full, starts, ends, axes], [y], name=name_of("y")))
     return nodes, inits
 
 
-def rewrite_convs(model: onnx.ModelProto) -> int:
+def rewrite_convs(model: onnx.ModelProto, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Replace, in place, every plain 3x3 convolution of ``model`` (weights loaded) whose input shape
     is static by its F(m, 3) form (``tile_for`` its width). Returns how many were replaced."""
     shapes = static_shapes(model)
@@ -178,6 +205,7 @@ def rewrite_convs(model: onnx.ModelProto) -> int:
             numpy_helper.to_array(wt),
             tile_for(shape[3]),
             shared,
+            chunk_bytes,
         )
         new_nodes.extend(nodes)
         graph.initializer.extend(inits)

@@ -47,6 +47,10 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
         assert unet["audit"]["attention_shapes"][f"{t8}x{t8 + s}"] == 20
         assert f"{t8 * 8}x{t8 * 8}" not in unet["audit"]["attention_shapes"]
         assert (exported / name / "unet.onnx.data").is_file()
+        # fp32 on the CPU: the UNet's 3x3 convolutions in Winograd form, none left direct; decode direct
+        assert unet["conv"] == "winograd" and unet["audit"]["direct_3x3_convs"] == 0
+        assert entry["modules"]["decode"]["conv"] == "direct"
+        assert entry["modules"]["decode"]["audit"]["direct_3x3_convs"] > 0
 
 
 def test_feed_forwards_export_as_two_projections_without_copies(exported, model_dir):
@@ -170,10 +174,15 @@ def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
     assert not any(n.startswith("litefocus_indices") for n in inputs)
     base = tmp_path / "base"
     assert (
-        cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", *FAST])
+        cli.main(
+            ["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", "--conv", "direct"]
+            + FAST
+        )
         == 0
     )
     entry = mf.read_manifest(base)["entries"]["0p32s-fp32"]
+    assert entry["modules"]["unet"]["conv"] == "direct"  # --conv direct: one Conv node per convolution
+    assert entry["modules"]["unet"]["audit"]["direct_3x3_convs"] > 0
     assert mf.read_manifest(base)["litefocus"] is None
     assert (
         entry["modules"]["unet"]["audit"]["attention_shapes"]["32x32"] == 20

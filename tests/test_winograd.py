@@ -1,0 +1,141 @@
+"""Winograd 3x3 convolutions (export/winograd.py): the transforms, the rewritten graph against a
+float64 convolution, what is and is not rewritten, the audit, and the sessions that run them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from litefocus.engine.backends import disabled_optimizers, open_session
+from litefocus.export.audit import AuditError, audit_graph
+from litefocus.export.winograd import rewrite_convs, tile_for, winograd_matrices
+
+CPU = ["CPUExecutionProvider"]
+# max |winograd - float64| / rms(float64) per conv in fp32; direct convolution's own error is ~1e-6
+BOUND = {2: 1e-5, 4: 6e-5}
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_transforms_compute_a_3_tap_correlation_exactly(m):
+    rng = np.random.default_rng(m)
+    bt, g, at = winograd_matrices(m)
+    a = m + 2
+    d, w = rng.standard_normal((a, a)), rng.standard_normal((3, 3))
+    y = at @ ((g @ w @ g.T) * (bt @ d @ bt.T)) @ at.T  # [m, m]
+    ref = np.array([[np.sum(d[i : i + 3, j : j + 3] * w) for j in range(m)] for i in range(m)])
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-12)
+
+
+def _conv_model(shape, co, stride=1, group=1, kernel=3, bias=True, seed=0):
+    b, c, h, w = shape
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((co, c // group, kernel, kernel)) / np.sqrt(c * kernel * kernel)).astype(
+        np.float32
+    )
+    inits = [numpy_helper.from_array(weight, "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(co).astype(np.float32), "b"))
+        inputs.append("b")
+    pad = kernel // 2
+    node = helper.make_node(
+        "Conv", inputs, ["y"], name="conv", kernel_shape=[kernel, kernel], pads=[pad] * 4,
+        strides=[stride, stride], group=group,
+    )  # fmt: skip
+    out = [b, co, (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1]
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), weight, inits
+
+
+def _reference(x, weight, bias):
+    """float64 3x3 convolution, padding 1: y[b, o, i, j] = sum_c,di,dj w[o, c, di, dj] x[b, c, i+di-1, j+dj-1]."""
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h, w = x.shape[2:]
+    y = sum(
+        np.einsum("bchw,oc->bohw", xp[:, :, i : i + h, j : j + w], weight[:, :, i, j].astype(np.float64))
+        for i in range(3)
+        for j in range(3)
+    )
+    return y + (0.0 if bias is None else bias.astype(np.float64)[None, :, None, None])
+
+
+def _run(model, tmp_path, x):
+    path = tmp_path / "g.onnx"
+    onnx.save(model, str(path))
+    return open_session(path, CPU, "unet").run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize(
+    "shape, co, bias",
+    [
+        ((2, 8, 16, 16), 12, True),  # F(4, 3), whole tiles
+        ((1, 5, 13, 6), 7, False),  # F(4, 3), partial tiles on both axes (the Slice), no bias
+        ((2, 16, 10, 2), 16, True),  # 2 wide: F(2, 3)
+        ((1, 3, 7, 3), 4, True),  # 3 wide: F(2, 3) with a partial tile
+    ],
+)
+def test_rewritten_conv_matches_a_float64_conv(shape, co, bias, tmp_path):
+    rng = np.random.default_rng(sum(shape) + co)
+    model, weight, inits = _conv_model(shape, co, bias=bias, seed=co)
+    assert rewrite_convs(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert not [n for n in model.graph.node if n.op_type == "Conv" and n.name == "conv"]
+    assert "w" not in {t.name for t in model.graph.initializer}  # replaced by its [9, Co*C] form
+    x = rng.standard_normal(shape).astype(np.float32)
+    ref = _reference(x, weight, numpy_helper.to_array(inits[1]) if bias else None)
+    got = _run(model, tmp_path, x)
+    assert got.shape == ref.shape
+    err = np.abs(got - ref).max() / np.sqrt(np.mean(ref**2))
+    assert err <= BOUND[tile_for(shape[3])], err
+    assert err > 0  # a different computation, not the Conv node under another name
+
+
+@pytest.mark.parametrize("shape, co", [((2, 4, 17, 8), 5), ((1, 5, 13, 6), 3), ((1, 3, 9, 3), 4)])
+def test_row_chunks_compute_the_same_convolution(shape, co, tmp_path):
+    """A conv whose transform-domain input exceeds chunk_bytes runs in row chunks (each with its
+    1-row halo, the map's own edges padded by the conv): the same numbers as in one piece."""
+    x = np.random.default_rng(co).standard_normal(shape).astype(np.float32)
+    whole, _, _ = _conv_model(shape, co, seed=co)
+    chunked, _, _ = _conv_model(shape, co, seed=co)
+    rewrite_convs(whole)
+    rewrite_convs(chunked, chunk_bytes=1)  # one tile row per chunk
+    tile_rows = -(-shape[2] // tile_for(shape[3]))
+    assert sum(n.op_type == "ConvTranspose" for n in whole.graph.node) == 1
+    assert sum(n.op_type == "ConvTranspose" for n in chunked.graph.node) == tile_rows > 1
+    np.testing.assert_allclose(_run(chunked, tmp_path, x), _run(whole, tmp_path, x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"stride": 2}, {"kernel": 1}, {"group": 2}],
+    ids=["stride-2", "1x1", "grouped"],
+)
+def test_only_plain_3x3_convolutions_are_rewritten(kwargs, tmp_path):
+    model, _, _ = _conv_model((1, 4, 8, 8), 6, **kwargs)
+    before = model.SerializeToString()
+    assert rewrite_convs(model) == 0
+    assert model.SerializeToString() == before
+
+
+def test_audit_refuses_a_direct_3x3_conv_in_a_winograd_graph(tmp_path):
+    model, _, _ = _conv_model((1, 4, 8, 8), 6)
+    onnx.save(model, str(tmp_path / "direct.onnx"))
+    assert audit_graph(tmp_path / "direct.onnx").direct_3x3_convs == 1
+    with pytest.raises(AuditError, match="1 direct 3x3 convolution"):
+        audit_graph(tmp_path / "direct.onnx", conv="winograd")
+    rewrite_convs(model)
+    onnx.save(model, str(tmp_path / "winograd.onnx"))
+    report = audit_graph(tmp_path / "winograd.onnx", conv="winograd")
+    assert report.direct_3x3_convs == 0 and report.to_dict()["conv_form"] == "winograd"
+
+
+def test_constant_folding_is_off_only_where_it_would_store_every_transformed_weight():
+    cuda = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    assert disabled_optimizers(CPU, "unet") == disabled_optimizers(CPU, "decode") == ["ConstantFolding"]
+    assert disabled_optimizers(CPU, "conditioning") == []
+    assert disabled_optimizers(cuda, "unet") == []
