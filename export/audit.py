@@ -214,7 +214,9 @@ class AuditReport:
     attention_shapes: dict[str, int] = field(default_factory=dict)  # "q x k" -> count of attentions
     attention_form: str = "plain"
     conv_form: str = "direct"
-    direct_3x3_convs: int = 0  # plain 3x3 convolutions (stride 1, pad 1) left as Conv nodes
+    direct_3x3_convs: int = (
+        0  # 3x3 convolutions the Winograd form takes (is_winograd_conv) left as Conv nodes
+    )
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -260,13 +262,22 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def is_winograd_conv(node: onnx.NodeProto, weight_shape: tuple[int, ...] | None) -> bool:
-    """A plain 3x3 convolution: stride 1, dilation 1, padding 1 on every side, one group, 2-D."""
+# Below this many input or output channels the Winograd transforms cost more than they save: the UNet's
+# conv_in (8 -> 128) and conv_out (128 -> 8) at 80 s took 2.4x the direct conv's time (bench/winograd.py).
+MIN_WINOGRAD_CHANNELS = 32
+
+
+def is_winograd_conv(
+    node: onnx.NodeProto, weight_shape: tuple[int, ...] | None, min_channels: int = MIN_WINOGRAD_CHANNELS
+) -> bool:
+    """A plain 3x3 convolution worth the Winograd form: stride 1, dilation 1, padding 1 on every
+    side, one group, 2-D, at least ``min_channels`` in and out."""
     if node.op_type != "Conv" or weight_shape is None or len(weight_shape) != 4:
         return False
     a = _attrs(node)
     return (
         tuple(weight_shape[2:]) == (3, 3)
+        and min(weight_shape[:2]) >= min_channels
         and tuple(a.get("strides", (1, 1))) == (1, 1)
         and tuple(a.get("dilations", (1, 1))) == (1, 1)
         and a.get("group", 1) == 1
@@ -296,7 +307,10 @@ def attention_shapes(graph: onnx.GraphProto, known: dict) -> Counter:
 
 
 def audit_graph(
-    onnx_path: Path, attention: tuple[AttentionExpectation, ...] = (), form: str = "plain", conv: str = "direct"
+    onnx_path: Path,
+    attention: tuple[AttentionExpectation, ...] = (),
+    form: str = "plain",
+    conv: str = "direct",
 ) -> AuditReport:
     """Run every check; raise AuditError listing all problems, or return the report.
 
@@ -336,7 +350,9 @@ def audit_graph(
         is_winograd_conv(n, weight_dims.get(n.input[1])) for n in graph.node if n.op_type == "Conv"
     )
     if conv == "winograd" and report.direct_3x3_convs:
-        report.problems.append(f"{report.direct_3x3_convs} direct 3x3 convolution(s) in a graph of the winograd form")
+        report.problems.append(
+            f"{report.direct_3x3_convs} direct 3x3 convolution(s) in a graph of the winograd form"
+        )
 
     shapes = attention_shapes(graph, known)
     report.attention_shapes = {f"{q}x{k}": c for (q, k), c in sorted(shapes.items())}

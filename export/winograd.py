@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from litefocus.export.audit import is_winograd_conv
+from litefocus.export.audit import MIN_WINOGRAD_CHANNELS, is_winograd_conv
 from litefocus.export.fold import static_shapes
 
 # The transform-domain input V of one conv is (m+2)^2 / m^2 times its input (2.25x for F(4, 3)), and
@@ -178,9 +178,12 @@ def conv_nodes(
     return nodes, inits
 
 
-def rewrite_convs(model: onnx.ModelProto, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Replace, in place, every plain 3x3 convolution of ``model`` (weights loaded) whose input shape
-    is static by its F(m, 3) form (``tile_for`` its width). Returns how many were replaced."""
+def rewrite_convs(
+    model: onnx.ModelProto, chunk_bytes: int = CHUNK_BYTES, min_channels: int = MIN_WINOGRAD_CHANNELS
+) -> int:
+    """Replace, in place, every 3x3 convolution of ``model`` (weights loaded) that ``is_winograd_conv``
+    takes and whose input shape is static by its F(m, 3) form (``tile_for`` its width), in row chunks
+    of at most ``chunk_bytes`` of transform-domain input. Returns how many were replaced."""
     shapes = static_shapes(model)
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
@@ -192,7 +195,12 @@ def rewrite_convs(model: onnx.ModelProto, chunk_bytes: int = CHUNK_BYTES) -> int
     for node in graph.node:
         wt = weights.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
         shape = shapes.get(node.input[0]) if wt is not None else None
-        if wt is None or shape is None or len(shape) != 4 or not is_winograd_conv(node, tuple(wt.dims)):
+        if (
+            wt is None
+            or shape is None
+            or len(shape) != 4
+            or not is_winograd_conv(node, tuple(wt.dims), min_channels)
+        ):
             new_nodes.append(node)
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None

@@ -82,7 +82,7 @@ def _run(model, tmp_path, x):
 def test_rewritten_conv_matches_a_float64_conv(shape, co, bias, tmp_path):
     rng = np.random.default_rng(sum(shape) + co)
     model, weight, inits = _conv_model(shape, co, bias=bias, seed=co)
-    assert rewrite_convs(model) == 1
+    assert rewrite_convs(model, min_channels=1) == 1
     onnx.checker.check_model(model, full_check=True)
     assert not [n for n in model.graph.node if n.op_type == "Conv" and n.name == "conv"]
     assert "w" not in {t.name for t in model.graph.initializer}  # replaced by its [9, Co*C] form
@@ -102,8 +102,8 @@ def test_row_chunks_compute_the_same_convolution(shape, co, tmp_path):
     x = np.random.default_rng(co).standard_normal(shape).astype(np.float32)
     whole, _, _ = _conv_model(shape, co, seed=co)
     chunked, _, _ = _conv_model(shape, co, seed=co)
-    rewrite_convs(whole)
-    rewrite_convs(chunked, chunk_bytes=1)  # one tile row per chunk
+    rewrite_convs(whole, min_channels=1)
+    rewrite_convs(chunked, chunk_bytes=1, min_channels=1)  # one tile row per chunk
     tile_rows = -(-shape[2] // tile_for(shape[3]))
     assert sum(n.op_type == "ConvTranspose" for n in whole.graph.node) == 1
     assert sum(n.op_type == "ConvTranspose" for n in chunked.graph.node) == tile_rows > 1
@@ -118,12 +118,12 @@ def test_row_chunks_compute_the_same_convolution(shape, co, tmp_path):
 def test_only_plain_3x3_convolutions_are_rewritten(kwargs, tmp_path):
     model, _, _ = _conv_model((1, 4, 8, 8), 6, **kwargs)
     before = model.SerializeToString()
-    assert rewrite_convs(model) == 0
+    assert rewrite_convs(model, min_channels=1) == 0
     assert model.SerializeToString() == before
 
 
 def test_audit_refuses_a_direct_3x3_conv_in_a_winograd_graph(tmp_path):
-    model, _, _ = _conv_model((1, 4, 8, 8), 6)
+    model, _, _ = _conv_model((1, 32, 8, 8), 32)
     onnx.save(model, str(tmp_path / "direct.onnx"))
     assert audit_graph(tmp_path / "direct.onnx").direct_3x3_convs == 1
     with pytest.raises(AuditError, match="1 direct 3x3 convolution"):
@@ -134,8 +134,45 @@ def test_audit_refuses_a_direct_3x3_conv_in_a_winograd_graph(tmp_path):
     assert report.direct_3x3_convs == 0 and report.to_dict()["conv_form"] == "winograd"
 
 
+def test_few_channels_stay_direct():
+    """Under MIN_WINOGRAD_CHANNELS in or out (the UNet's conv_in and conv_out) the transforms cost
+    more than they save: left as Conv nodes, and the audit does not count them."""
+    for c, co in ((8, 32), (32, 8)):
+        model, _, _ = _conv_model((1, c, 8, 8), co)
+        assert rewrite_convs(model) == 0
+    model, _, _ = _conv_model((1, 32, 8, 8), 32)
+    assert rewrite_convs(model) == 1
+
+
 def test_constant_folding_is_off_only_where_it_would_store_every_transformed_weight():
     cuda = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     assert disabled_optimizers(CPU, "unet") == disabled_optimizers(CPU, "decode") == ["ConstantFolding"]
     assert disabled_optimizers(CPU, "conditioning") == []
     assert disabled_optimizers(cuda, "unet") == []
+
+
+def test_the_benchmark_measures_each_conv_shape_of_a_graph(tmp_path):
+    import json
+
+    from litefocus.bench import winograd as bench
+
+    model, _, _ = _conv_model((1, 32, 9, 8), 32)
+    model.graph.node.insert(
+        0, helper.make_node("Constant", [], ["unused"], value_float=1.0)
+    )  # a node without inputs
+    onnx.save(model, str(tmp_path / "unet.onnx"))
+    assert (
+        bench.main([str(tmp_path / "unet.onnx"), "--repeats", "2", "--out", str(tmp_path / "out"), "-q"]) == 0
+    )
+    (path,) = (tmp_path / "out").glob("winograd-cpu-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert (
+        row["shape"] == [1, 32, 9, 8] and row["out_channels"] == 32 and row["convs"] == 1 and row["tile"] == 4
+    )
+    assert len(row["direct_ms_all"]) == len(row["winograd_ms_all"]) == 2 and row["speedup"] > 0
+    assert 0 < row["max_err_rel_rms"] <= BOUND[4]
+    rewrite_convs(model)  # nothing left to measure: one line, exit 2
+    onnx.save(model, str(tmp_path / "done.onnx"))
+    with pytest.raises(SystemExit) as e:
+        bench.main([str(tmp_path / "done.onnx"), "-q"])
+    assert e.value.code == 2
