@@ -19,6 +19,10 @@ weight memory than the plain graph; ONNX Runtime's constant folding is off for t
 (``engine.backends.disabled_optimizers``), since folding would store every U ((m+2)^2 / 9 times the
 weight: +0.5 GB at 80 s).
 
+A conv whose V would exceed ``CHUNK_BYTES`` runs this in row chunks (each a Slice of its input rows
+with a 1-row halo; the outputs concatenated), so the step's peak memory stays the direct graph's.
+Convs with fewer than ``MIN_WINOGRAD_CHANNELS`` in or out (the UNet's conv_in, conv_out) stay direct.
+
 Only ONNX Runtime's CPU EP gains (cuDNN and TensorRT pick Winograd kernels themselves): the form is
 chosen per export and recorded in the manifest. The error against the direct convolution, max over a
 256-channel conv's outputs relative to their RMS in fp32: ~2e-5 for F(4, 3), ~4e-6 for F(2, 3).
