@@ -81,12 +81,12 @@ def session_options(providers: list, module: str):
 def disabled_optimizers(providers: list, module: str) -> list[str]:
     """ONNX Runtime graph optimizers turned off for ``providers`` and ``module``.
 
-    On the CPU, constant folding is off for the UNet and the decode: a graph with Winograd 3x3
-    convolutions (export/winograd.py) computes each transform-domain weight U = G w G^T per call
-    from the stored weight (about 1 ms a conv), and folding would store every U instead: (m+2)^2 / 9
-    times the weight, +0.5 GB for the 80 s UNet. The exporter folded everything else already."""
+    On the CPU, constant folding is off for the UNet (the one module exported with Winograd 3x3
+    convolutions, export/winograd.py): its graph computes each transform-domain weight U = G w G^T
+    per call from the stored weight (about 1 ms a conv), and folding would store every U instead:
+    (m+2)^2 / 9 times the weight, +0.5 GB for the 80 s UNet. The exporter folded everything else."""
     cpu_only = _provider_names(providers) == ["CPUExecutionProvider"]
-    return ["ConstantFolding"] if cpu_only and module in ("unet", "decode") else []
+    return ["ConstantFolding"] if cpu_only and module == "unet" else []
 
 
 def open_session(onnx_path: Path, providers: list, module: str, options=None):

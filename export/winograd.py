@@ -15,7 +15,7 @@ with a = m + 2 and P = tiles per image (shape comments for one conv, x: [B, C, H
 The transposes swap two axes above a contiguous block of P floats (block copies, not element
 gathers). U = G w G^T is the weight in the transform domain: it is computed per call from the
 original weight (permuted to [9, Co*C]) by one small MatMul (about 1 ms), so the engine holds no more
-weight memory than the plain graph; ONNX Runtime's constant folding is off for these graphs
+weight memory than the plain graph; ONNX Runtime's constant folding is off for UNet sessions
 (``engine.backends.disabled_optimizers``), since folding would store every U ((m+2)^2 / 9 times the
 weight: +0.5 GB at 80 s).
 
