@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "winograd", "direct"],
         default="auto",
         help="how the UNet's 3x3 convolutions are expressed. winograd: F(4x4, 3x3) out of plain ops, "
-        "1.3-2.1x faster per conv on ONNX Runtime's CPU EP (error ~2e-5 of the output RMS per conv); "
+        "1.3-2.7x faster per conv on ONNX Runtime's CPU EP (error ~2e-5 of the output RMS per conv); "
         "direct: one Conv node each. auto: winograd for fp32 CPU exports, else direct (GPU, TensorRT, fp16)",
     )
     p.add_argument(

@@ -97,7 +97,7 @@ def resolve_attention(attention: str, backend: str) -> str:
 
 def resolve_conv(conv: str, backend: str, device: str, precision: str) -> str:
     """auto -> winograd for fp32 ONNX Runtime engines exported on the CPU (ONNX Runtime's CPU EP
-    convolves directly: Winograd takes 1.3-2.1x less time per 3x3 conv there), direct otherwise: GPU
+    convolves directly: Winograd is 1.3-2.7x faster per 3x3 conv there), direct otherwise: GPU
     exports and TensorRT (cuDNN and TensorRT choose Winograd kernels themselves) and fp16 (F(4, 3)'s
     transforms lose too much in 10-bit mantissas). Applies to the UNet; the decode stays direct."""
     if conv not in ("auto", *CONV_FORMS):
