@@ -79,6 +79,18 @@ class UNetExportModule(torch.nn.Module):
                 self.handle.set_indices(None)
 
 
+def _save_with_weights(model: onnx.ModelProto, onnx_path: Path, data_name: str) -> None:
+    """``model`` to ``onnx_path``, every tensor over 1 KB in the one external-data file ``data_name``."""
+    onnx.save_model(
+        model,
+        str(onnx_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+
+
 def export_onnx(
     module: torch.nn.Module,
     contract,
@@ -114,24 +126,18 @@ def export_onnx(
         )
     # one external-data file, then fold the shape arithmetic on the weight-free graph
     data_name = onnx_path.name + ".data"
-    model = onnx.load(str(raw), load_external_data=True)
-    if conv == "winograd":
-        logger.info("%s: %d 3x3 convolutions in Winograd form", onnx_path.name, rewrite_convs(model))
-    onnx.save_model(
-        model,
-        str(onnx_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    del model
+    _save_with_weights(onnx.load(str(raw), load_external_data=True), onnx_path, data_name)
     shutil.rmtree(raw_dir)
     graph = fold_static_shapes(onnx.load(str(onnx_path), load_external_data=False))
     if finish_fused_graph(graph):
         drop_unused(graph.graph)  # the pass-throughs' shape constants
     onnx.save_model(graph, str(onnx_path))
     data = onnx_path.parent / data_name
+    if conv == "winograd":  # on the folded graph, where every shape is static
+        model = onnx.load(str(onnx_path), load_external_data=True)
+        logger.info("%s: %d 3x3 convolutions in Winograd form", onnx_path.name, rewrite_convs(model))
+        data.unlink()  # onnx appends to an existing data file; the weights are in memory
+        _save_with_weights(model, onnx_path, data_name)
     logger.info("exported %s (%.1f MB weights)", onnx_path.name, data.stat().st_size / 2**20)
     return onnx_path, data
 

@@ -50,7 +50,6 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
         # fp32 on the CPU: the UNet's 3x3 convolutions in Winograd form, none left direct; decode direct
         assert unet["conv"] == "winograd" and unet["audit"]["direct_3x3_convs"] == 0
         assert entry["modules"]["decode"]["conv"] == "direct"
-        assert entry["modules"]["decode"]["audit"]["direct_3x3_convs"] > 0
 
 
 def test_feed_forwards_export_as_two_projections_without_copies(exported, model_dir):
