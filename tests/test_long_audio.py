@@ -1,17 +1,25 @@
 """Long audio without quadratic memory: the attention forms, time-chunked decode, the memory check."""
 
+import json
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from litefocus.attention import litefocus_attention, packed_sdpa, reference_litefocus_attention
+from litefocus.bench import export_record
 from litefocus.engine import manifest as mf
 from litefocus.engine.chunking import decode_chunked, fade_weights, window_starts
 from litefocus.export import cli, memory, pipeline
 from litefocus.export.fused import multi_head_attention
 
 FAST = ["--text-len", "8", "-q"]
+TIME_V = """\tCommand being timed: "{command}"
+\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03.50
+\tMaximum resident set size (kbytes): 6499728
+\tExit status: 0
+"""
 
 
 def _qkv(b=2, h=2, t=6, f=4, d=8, seed=0):
@@ -193,6 +201,16 @@ def test_chunked_decode_engine_is_within_its_recorded_bound(model_dir, tmp_path)
     # ... and its error against the full decode is of the size the export measured and recorded
     err = np.abs(got - full).max() / rms
     assert err <= 2 * bound + 1e-3  # the recorded bound is for the export's own latent
+    # ... and the export's record for bench/results carries it, with GNU time's wall and peak
+    log = tmp_path / "export.log"
+    log.write_text(TIME_V.format(command="litefocus-export --seconds 1.28"))
+    argv = [str(out), "1p28s-fp32", str(log), "--commit", "abc1234", "--out", str(tmp_path), "-q"]
+    assert export_record.main(argv) == 0
+    (path,) = tmp_path.glob("export-cpu-*-1p28s-fp32.json")
+    record = json.loads(path.read_text())
+    assert record["decode_chunking"] == decode["chunking"] and record["max_rss_kib"] == 6499728
+    assert record["validation"]["decode"] == decode["validation"]["outputs"] and record["commit"] == "abc1234"
+    assert record["ended"] == entry["created"] and record["started"] < record["ended"]
 
 
 def test_plain_form_keeps_softmaxes_and_fused_form_has_none(model_dir, tmp_path):
