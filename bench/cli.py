@@ -119,6 +119,14 @@ def build_run_parser() -> argparse.ArgumentParser:
         help="torch.compile mode of the *-compile backends (default: default)",
     )
     p.add_argument(
+        "--gpu-ops",
+        nargs="+",
+        default=["auto"],
+        metavar="OP",
+        help="the engines' GPU graph form, as litefocus-export --gpu-ops (auto, none, or pieces of "
+        "nhwc skip_group_norm bias_split_gelu): one run per form measures each piece's effect",
+    )
+    p.add_argument(
         "--engines",
         type=Path,
         help="engine directory for onnxruntime/tensorrt: exported there when missing, reused by "
@@ -219,6 +227,7 @@ def options_from_args(args, command: str, engines: Path):
             engines=engines,
             out=args.out,
             compile_mode=args.compile_mode,
+            gpu_ops=args.gpu_ops[0] if args.gpu_ops[0] in ("auto", "none") else tuple(args.gpu_ops),
             litefocus=lf,
             quiet=args.quiet,
             command=command,

@@ -35,6 +35,8 @@ MAX_OUT_FILES = 8  # what the lent machine sends back: at most 8 files, 16 MiB e
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 KILL_AFTER_S = 20  # SIGKILL this long after SIGTERM
 MIN_RUN_S = 30  # a run with less time left than this is not started
+# one device command runs at most 600 s; the wheels' install and the start take up to ~90 s of it
+MAX_PHASE_S = 510
 COMMON = ("--device", "cuda", "--precision", "fp16")
 ENGINES = "/tmp/litefocus-engines"  # survives between commands on one warm machine
 
@@ -118,6 +120,55 @@ PHASES = {
         "the fp16 exports of the 80 and 160 s buckets (fused attention, validated against PyTorch on "
         "the CUDA EP), then ONNX Runtime CUDA EP with IO binding at 80 and 160 s",
     ),
+    # issue 30: the GPU graph form (export/gpu_form.py) against torch.compile with CUDA graphs, in one
+    # process: the engine with CUDA graphs on and off, decode per backend, 25-step DPM++ generations at 80
+    # and 160 s; then the form's pieces one by one (each run exports its own engines), as ONNX Runtime's
+    # Stable Diffusion ablation did. Every run repeats diffusers eager, so each ratio is in one process.
+    "C": Phase(
+        "C",
+        500,
+        (
+            Run(
+                "engine80",
+                (
+                    "--backends", "diffusers", "litefocus-compile", "onnxruntime", "onnxruntime-cudagraph",
+                    "--compile-mode", "reduce-overhead",
+                    "--seconds", "80", "--steps", "25", "--scheduler", "dpm++",
+                    "--warmup", "3", "--repeats", "10", "--engines", ENGINES,
+                ),
+                220,
+            ),
+            Run(
+                "engine160",
+                (
+                    "--backends", "diffusers", "onnxruntime", "onnxruntime-cudagraph",
+                    "--seconds", "160", "--steps", "25", "--scheduler", "dpm++",
+                    "--warmup", "3", "--repeats", "10", "--engines", ENGINES,
+                ),
+                110,
+            ),
+            Run(
+                "ablation-none",
+                (
+                    "--backends", "diffusers", "onnxruntime", "onnxruntime-cudagraph", "--gpu-ops", "none",
+                    "--seconds", "80", "--steps", "0", "--warmup", "3", "--repeats", "10",
+                    "--engines", ENGINES + "-none",
+                ),
+                85,
+            ),
+            Run(
+                "ablation-nhwc",
+                (
+                    "--backends", "diffusers", "onnxruntime", "onnxruntime-cudagraph", "--gpu-ops", "nhwc",
+                    "--seconds", "80", "--steps", "0", "--warmup", "3", "--repeats", "10",
+                    "--engines", ENGINES + "-nhwc",
+                ),
+                85,
+            ),
+        ),
+        "issue 30: the GPU-form fp16 engine (CUDA graphs on and off) against litefocus-compile with CUDA "
+        "graphs at 80 s, 25-step DPM++ generations at 80 and 160 s, and the form's pieces one by one",
+    ),
 }  # fmt: skip
 
 
@@ -164,6 +215,8 @@ def check(out: Path) -> list[str]:
                 f"phase {phase.name}: {len(names)} output files, at most {MAX_OUT_FILES} come back"
             )
         problems += [f"phase {phase.name}: bad output name {n!r}" for n in names if not OUT_NAME.match(n)]
+        if phase.budget_s > MAX_PHASE_S:
+            problems.append(f"phase {phase.name}: budget {phase.budget_s:g} s, one command fits {MAX_PHASE_S} s")
         if sum(r.cap_s for r in phase.runs) < phase.budget_s * 0.5:
             problems.append(f"phase {phase.name}: run caps leave most of the budget unused")
         for run in phase.runs:

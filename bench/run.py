@@ -93,6 +93,7 @@ class BenchOptions:
     engines: Path = Path("engines")
     out: Path = DEFAULT_OUT
     compile_mode: str = "default"
+    gpu_ops: tuple[str, ...] | str = "auto"  # the engines' GPU graph form (litefocus-export --gpu-ops)
     litefocus: LiteFocusConfig = field(default_factory=LiteFocusConfig)
     seed: int = 0
     scheduler: str = "ddim"  # of the full generation
@@ -138,6 +139,7 @@ class BenchOptions:
         d.update(seconds=list(self.seconds), backends=list(self.backends), engines=str(self.engines))
         d.update(generate_at=None if self.generate_at is None else list(self.generate_at))
         d.update(out=str(self.out), litefocus=self.litefocus.to_dict())
+        d.update(gpu_ops=self.gpu_ops if isinstance(self.gpu_ops, str) else list(self.gpu_ops))
         return d
 
     @classmethod
@@ -149,6 +151,7 @@ class BenchOptions:
             **{k: tuple(d[k]) for k in ("seconds", "backends")},
             **{k: Path(d[k]) for k in ("engines", "out")},
             "generate_at": None if at is None else tuple(at),
+            "gpu_ops": d.get("gpu_ops", "auto") if isinstance(d.get("gpu_ops", "auto"), str) else tuple(d["gpu_ops"]),
             "litefocus": LiteFocusConfig.from_dict(d["litefocus"]),
             "quiet": quiet,
         }
@@ -268,6 +271,7 @@ def run_benchmark(opts: BenchOptions, checkpoint: Path | None = None) -> dict:
         engines=opts.engines,
         compile_mode=opts.compile_mode,
         quiet=opts.quiet,
+        gpu_ops=opts.gpu_ops,
     )
     git = git_commit()  # the code that runs, before anything can change the tree
     structure = unet_structure(opts.source)

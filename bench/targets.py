@@ -26,7 +26,8 @@ from litefocus.engine.contract import DecodeContract, UNetContract
 logger = logging.getLogger(__name__)
 
 TORCH_BACKENDS = ("diffusers", "diffusers-compile", "litefocus", "litefocus-compile")
-ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+# onnxruntime-cudagraph: the same ONNX Runtime engine, its UNet session captured once as a CUDA graph
+ENGINE_BACKENDS = ("onnxruntime", "onnxruntime-cudagraph", "tensorrt")
 BACKENDS = TORCH_BACKENDS + ENGINE_BACKENDS
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
@@ -54,6 +55,7 @@ class TargetSpec:
     engines: Path = Path("engines")
     compile_mode: str = "default"
     quiet: bool = False
+    gpu_ops: tuple[str, ...] | str = "auto"  # the engines' GPU graph form (litefocus-export --gpu-ops)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -75,7 +77,9 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return INSTALL_HINT
         if device.type != "cuda":
             return "TensorRT needs a CUDA GPU (--device cuda)"
-    if backend == "onnxruntime" and device.type == "cuda":  # known before any export is spent on it
+    if backend == "onnxruntime-cudagraph" and device.type != "cuda":
+        return "CUDA graphs need a CUDA GPU (--device cuda)"
+    if backend.startswith("onnxruntime") and device.type == "cuda":  # known before any export is spent on it
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -224,6 +228,7 @@ def prepare_engines(backend: str, bucket: Bucket, spec: TargetSpec) -> None:
         litefocus=spec.litefocus,
         quiet=spec.quiet,
         device=str(spec.device),
+        gpu_ops=spec.gpu_ops,
     )
     export_engines(opts)
 
@@ -234,7 +239,9 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     from litefocus.runtime import Runtime
 
     prepare_engines(backend, bucket, spec)
-    runtime = Runtime.load(spec.engines, backend=backend, device=str(spec.device))
+    cuda_graph = backend == "onnxruntime-cudagraph"
+    engine = "onnxruntime" if cuda_graph else backend
+    runtime = Runtime.load(spec.engines, backend=engine, device=str(spec.device), cuda_graph=cuda_graph)
     name = entry_name(bucket, spec.precision, spec.batch)  # exactly this bucket, precision and batch
     try:
         unet, decode, contract, decode_contract = runtime.open_entry(name)
@@ -244,8 +251,8 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
             raise RuntimeError(
                 f"{spec.engines}/{name} holds (frames, precision, batch, text_len) = {got}, not {want}"
             )
-        if unet.name != backend:  # e.g. the runtime fell back to PyTorch: that is not this row
-            raise RuntimeError(f"{spec.engines}: the runtime opened {unet.name}, not {backend}, for {name}")
+        if unet.name != engine:  # e.g. the runtime fell back to PyTorch: that is not this row
+            raise RuntimeError(f"{spec.engines}: the runtime opened {unet.name}, not {engine}, for {name}")
         session = getattr(unet, "session", None)
         provider = session.get_providers()[0] if session is not None else backend
         if session is not None and (provider == "CUDAExecutionProvider") != (spec.device.type == "cuda"):
@@ -256,7 +263,10 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
         runtime.close()
         raise
     modules = runtime.manifest["entries"][name]["modules"]
-    extra = {  # the export's own check of these graphs against PyTorch (max error / output RMS)
+    extra = {
+        "gpu_ops": {m: modules[m].get("gpu_ops", []) for m in ("unet", "decode")},
+        "cuda_graph": cuda_graph,
+        # the export's own check of these graphs against PyTorch (max error / output RMS)
         "validation": {
             m: {"provider": modules[m]["validation"]["provider"], **modules[m]["validation"]["outputs"]}
             for m in ("unet", "decode")

@@ -31,17 +31,22 @@ def parse_device(device: str | None) -> tuple[str, int]:
     raise ValueError(f"device {text!r} is not one of cpu, cuda, cuda:N (N a GPU index such as 0)")
 
 
-def onnxruntime_providers(prefer_cuda: bool = True, device_id: int = 0, precision: str = "fp32") -> list:
+def onnxruntime_providers(
+    prefer_cuda: bool = True, device_id: int = 0, precision: str = "fp32", cuda_graph: bool = False
+) -> list:
     """CUDA EP (on ``device_id``) when asked for and installed, then the CPU EP. An fp32 graph runs
     in full fp32 on the CUDA EP, whose default is TF32 for matmuls and convolutions (10-bit
     mantissas: ~1e-3 relative, which fails fp32 validation and makes fp32 engines differ from the
-    CPU); fp16 graphs are unaffected."""
+    CPU); fp16 graphs are unaffected. ``cuda_graph``: the CUDA EP captures the graph once and
+    replays it (every node on the CUDA EP, inputs and outputs at fixed device addresses)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if not (prefer_cuda and "CUDAExecutionProvider" in available):
         return ["CPUExecutionProvider"]
     options = {"device_id": device_id, **({"use_tf32": 0} if precision == "fp32" else {})}
+    if cuda_graph:
+        options["enable_cuda_graph"] = 1
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
@@ -178,14 +183,22 @@ def check_external_data(onnx_path: Path, data_path: Path | None) -> None:
             )
 
 
-def load_session(onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None):
+def load_session(
+    onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None, cuda_graph: bool = False
+):
     """An ONNX Runtime session of an engine graph on ``device``, after its external-data references
     are checked against ``data_path`` (an engine directory is untrusted); its inputs must be the
-    contract's. Every failure is one ValueError line naming the fix."""
+    contract's. ``cuda_graph``: captured and replayed by the CUDA EP (ONNX Runtime refuses a graph
+    with nodes outside the CUDA EP or Memcpy nodes; that refusal is the ValueError's line). Every
+    failure is one ValueError line naming the fix."""
     kind, index = parse_device(device)
+    if cuda_graph and kind != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, got device {device!r}; use --device cuda")
     onnx_path = Path(onnx_path)
     precision = getattr(contract, "precision", "fp32")
-    providers = onnxruntime_providers(prefer_cuda=kind == "cuda", device_id=index, precision=precision)
+    providers = onnxruntime_providers(
+        prefer_cuda=kind == "cuda", device_id=index, precision=precision, cuda_graph=cuda_graph
+    )
     if kind == "cuda" and len(providers) == 1:
         raise ValueError(
             f"device {device!r}: this onnxruntime has no CUDA execution provider; install onnxruntime-gpu in "
@@ -220,14 +233,26 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None):
+    def __init__(
+        self,
+        onnx_path: Path,
+        contract,
+        device: str = "cpu",
+        data_path: Path | None = None,
+        cuda_graph: bool = False,
+    ):
         self.contract = contract
         self.device = parse_device(device)
-        self.session = load_session(onnx_path, contract, device, data_path)
+        self.session = load_session(onnx_path, contract, device, data_path, cuda_graph=cuda_graph)
+        self.cuda_graph = cuda_graph
+        self._graph_binding = None  # with CUDA graphs: the one binding every call replays through
+        self._graph_lock = threading.Lock()
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.session is None:
             raise RuntimeError("OnnxRuntimeBackend is closed")
+        if self.cuda_graph:  # a captured graph reads and writes fixed device buffers only
+            return self.bind()(inputs)
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }
@@ -242,7 +267,13 @@ class OnnxRuntimeBackend:
         """Buffers for one request, on the session's device (see ``Binding``)."""
         if self.session is None:
             raise RuntimeError("bind() on a closed backend")
-        return Binding(self.session, self.contract, ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0))
+        device = ("cuda", self.device[1]) if self.on_cuda else ("cpu", 0)
+        if not self.cuda_graph:
+            return Binding(self.session, self.contract, device)
+        with self._graph_lock:
+            if self._graph_binding is None:
+                self._graph_binding = Binding(self.session, self.contract, device)
+        return SharedBinding(self._graph_binding, self._graph_lock, self.contract)
 
     def close(self) -> None:
         self.session = None
@@ -273,6 +304,7 @@ class Binding:
         self._binding.bind_ortvalue_output(out.name, self._values[out.name])
         self._out = out
         self._specs = {s.name: s for s in contract.inputs}
+        self.holder: dict[str, tuple] = {}  # input -> (request token, version) in its buffer (SharedBinding)
 
     def set(self, name: str, array: np.ndarray) -> None:
         spec = self._specs[name]
@@ -290,6 +322,53 @@ class Binding:
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Set every given input, run, return the output: the plain-call interface."""
+        for name, array in inputs.items():
+            self.set(name, array)
+        self.run()
+        return self.output()
+
+
+class SharedBinding:
+    """One request's view of a CUDA-graph session's single ``Binding``.
+
+    A captured CUDA graph replays against the device addresses it was captured with, so every
+    request of the session shares one set of buffers. ``set`` keeps the request's inputs on the host;
+    ``run`` (under the session's lock) copies into the shared buffers only the inputs that another
+    request, or a newer ``set``, changed since, so a request running alone copies its conditioning
+    once and then only its latents and sample indices per step, as with ``Binding``."""
+
+    def __init__(self, shared: Binding, lock: threading.Lock, contract):
+        self._shared, self._lock = shared, lock
+        self._specs = {s.name: s for s in contract.inputs}
+        self._host: dict[str, tuple[int, np.ndarray]] = {}
+        self._token = object()  # this request (an id() could be reused by a later one)
+        self._out = None
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        spec = self._specs[name]
+        array = np.array(array, dtype=spec.numpy_dtype, copy=True)
+        if array.shape != tuple(spec.shape):
+            raise ValueError(f"{name}: shape {array.shape}, the contract says {tuple(spec.shape)}")
+        version = self._host[name][0] + 1 if name in self._host else 0
+        self._host[name] = (version, array)
+
+    def run(self) -> None:
+        shared = self._shared
+        with self._lock:
+            for name, (version, array) in self._host.items():
+                held = shared.holder.get(name)
+                if held is None or held[0] is not self._token or held[1] != version:
+                    shared.set(name, array)
+                    shared.holder[name] = (self._token, version)
+            shared.run()
+            self._out = shared.output()
+
+    def output(self) -> np.ndarray:
+        if self._out is None:
+            raise RuntimeError("output() before run()")
+        return self._out
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         for name, array in inputs.items():
             self.set(name, array)
         self.run()

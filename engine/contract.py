@@ -32,7 +32,20 @@ ATTENTION_FORMS = ("fused", "plain")
 #   "winograd": F(4x4, 3x3) / F(2x2, 3x3) out of plain ops (export/winograd.py; ONNX Runtime's CPU EP),
 #   "direct": one Conv node each (GPUs: cuDNN and TensorRT choose Winograd kernels themselves).
 CONV_FORMS = ("direct", "winograd")
-FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP = "com.microsoft", "MultiHeadAttention"
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
+FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP = CONTRIB_DOMAIN, "MultiHeadAttention"
+# The GPU graph form (export/gpu_form.py), chosen per export and recorded per module in the manifest
+# as its "gpu_ops": which of ONNX Runtime's CUDA-only contrib ops the graph was written with.
+#   "nhwc": channels-last maps end to end: NhwcConv and GroupNorm (with its SiLU fused);
+#   "skip_group_norm": the ResNet's conv1 + time-embedding add feeding norm2 as one SkipGroupNorm;
+#   "bias_split_gelu": the GEGLU feed-forward's bias, split and GELU as one BiasSplitGelu.
+# A graph with any of these runs on the CUDA EP only. () is the form every EP runs.
+GPU_OPS = ("nhwc", "skip_group_norm", "bias_split_gelu")
+GPU_CONTRIB_OPS = {
+    "nhwc": ("NhwcConv", "GroupNorm"),
+    "skip_group_norm": ("SkipGroupNorm",),
+    "bias_split_gelu": ("BiasSplitGelu",),
+}
 
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked
 __all__ = ["MAX_SECONDS", "SAMPLE_RATE", "Bucket", "LiteFocusConfig"]  # re-exported for the runtime

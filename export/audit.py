@@ -5,6 +5,9 @@ After ``onnx.checker`` and shape inference the audit fails the export if
   * any op is random or has a data-dependent output shape,
   * any op is outside the TensorRT ONNX parser's supported-operator list (a graph of the fused
     form may also hold ONNX Runtime's com.microsoft.MultiHeadAttention: it is not for TensorRT),
+  * a graph of the GPU form (``gpu_ops``) holds a contrib op other than the pieces it was exported
+    with, a 2-D Conv left in a channels-last (``nhwc``) graph, or a pair of layout Transposes that
+    ``layout.py`` should have cancelled (the layout Transposes left are counted in the report),
   * the attention at the LiteFocus level is not sparse: each attention there (a softmax of the
     plain form, a fused node's query and key lengths) must have key length T_level + S, and none
     may have the full N x N shape.
@@ -21,7 +24,7 @@ import onnx
 from onnx import helper
 
 from litefocus.engine.contract import ATTENTION_FORMS as FORMS
-from litefocus.engine.contract import CONV_FORMS
+from litefocus.engine.contract import CONV_FORMS, GPU_CONTRIB_OPS
 from litefocus.engine.contract import FUSED_ATTENTION_DOMAIN as CONTRIB_DOMAIN
 from litefocus.engine.contract import FUSED_ATTENTION_OP as FUSED_OP
 
@@ -217,10 +220,14 @@ class AuditReport:
     direct_3x3_convs: int = (
         0  # 3x3 convolutions the Winograd form takes (is_winograd_conv) left as Conv nodes
     )
+    gpu_ops: tuple[str, ...] = ()
+    layout_transposes: int = 0  # NCHW <-> NHWC transposes next to a channels-last op (GPU form)
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
+            "gpu_ops": list(self.gpu_ops),
+            "layout_transposes": self.layout_transposes,
             "nodes": self.nodes,
             "ops": self.ops,
             "attention_form": self.attention_form,
@@ -286,6 +293,19 @@ def is_winograd_conv(
     )
 
 
+def _audit_layout(graph: onnx.GraphProto, weight_dims: dict, report: AuditReport) -> None:
+    """A channels-last graph: every 2-D convolution an NhwcConv, no layout Transpose pairs left."""
+    from litefocus.export.layout import layout_transposes, transpose_pairs
+
+    convs_2d = sum(n.op_type == "Conv" and len(weight_dims.get(n.input[1], ())) == 4 for n in graph.node)
+    if convs_2d:
+        report.problems.append(f"{convs_2d} NCHW 2-D Conv node(s) in a channels-last (nhwc) graph")
+    pairs = transpose_pairs(graph)
+    if pairs:
+        report.problems.append(f"{pairs} pair(s) of layout Transposes left in a channels-last graph")
+    report.layout_transposes = layout_transposes(graph)
+
+
 def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -311,18 +331,24 @@ def audit_graph(
     attention: tuple[AttentionExpectation, ...] = (),
     form: str = "plain",
     conv: str = "direct",
+    gpu_ops: tuple[str, ...] = (),
 ) -> AuditReport:
     """Run every check; raise AuditError listing all problems, or return the report.
 
     ``form``: "plain" (MatMul-Softmax-MatMul, TensorRT-ready) or "fused" (ONNX Runtime's fused op).
-    ``conv``: "direct" or "winograd" (then no plain 3x3 convolution may be left as a Conv node)."""
+    ``conv``: "direct" or "winograd" (then no plain 3x3 convolution may be left as a Conv node).
+    ``gpu_ops``: the GPU form's pieces the graph was exported with (``engine.contract.GPU_OPS``)."""
     if form not in FORMS:
         raise ValueError(f"attention form must be one of {', '.join(FORMS)}, got {form!r}")
     if conv not in CONV_FORMS:
         raise ValueError(f"conv form must be one of {', '.join(CONV_FORMS)}, got {conv!r}")
+    unknown = sorted(set(gpu_ops) - set(GPU_CONTRIB_OPS))
+    if unknown:
+        raise ValueError(f"gpu ops must be among {', '.join(GPU_CONTRIB_OPS)}, got {unknown}")
     model, report = inspect_graph(onnx_path)
-    report.attention_form, report.conv_form = form, conv
+    report.attention_form, report.conv_form, report.gpu_ops = form, conv, tuple(gpu_ops)
     allowed = TRT_SUPPORTED_OPS | ({f"{CONTRIB_DOMAIN}.{FUSED_OP}"} if form == "fused" else set())
+    allowed |= {f"{CONTRIB_DOMAIN}.{op}" for piece in gpu_ops for op in GPU_CONTRIB_OPS[piece]}
     graph = model.graph
     initializers = {i.name for i in graph.initializer}
     values = [*graph.input, *graph.output, *graph.value_info]
@@ -353,6 +379,9 @@ def audit_graph(
         report.problems.append(
             f"{report.direct_3x3_convs} direct 3x3 convolution(s) in a graph of the winograd form"
         )
+
+    if "nhwc" in gpu_ops:
+        _audit_layout(graph, weight_dims, report)
 
     shapes = attention_shapes(graph, known)
     report.attention_shapes = {f"{q}x{k}": c for (q, k), c in sorted(shapes.items())}

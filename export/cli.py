@@ -18,6 +18,7 @@ import torch
 
 from litefocus.buckets import MAX_SECONDS, check_seconds
 from litefocus.config import LiteFocusConfig
+from litefocus.engine.contract import GPU_OPS
 from litefocus.models import PRESETS
 
 MAX_BATCH = 64  # UNet rows per call (32 guided requests): far past what one step holds at audio lengths
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the UNet's 3x3 convolutions are expressed. winograd: F(4x4, 3x3) out of plain ops, "
         "1.3-2.7x faster per conv on ONNX Runtime's CPU EP (error ~2e-5 of the output RMS per conv); "
         "direct: one Conv node each. auto: winograd for fp32 CPU exports, else direct (GPU, TensorRT, fp16)",
+    )
+    p.add_argument(
+        "--gpu-ops",
+        nargs="+",
+        choices=["auto", "none", *GPU_OPS],
+        default=["auto"],
+        metavar="OP",
+        help="the GPU graph form's pieces (ONNX Runtime CUDA contrib ops; such graphs run on the CUDA EP "
+        "only): nhwc (NhwcConv + GroupNorm with SiLU fused, channels-last maps end to end), "
+        "skip_group_norm (needs nhwc), bias_split_gelu. auto: all three with --device cuda (not for "
+        "TensorRT), none otherwise",
     )
     p.add_argument(
         "--decode-window",
@@ -198,7 +210,14 @@ def options_from_args(args: argparse.Namespace):
         attention=args.attention,
         decode_window=args.decode_window,
         conv=args.conv,
+        gpu_ops=_gpu_ops(args.gpu_ops),
     )
+
+
+def _gpu_ops(values: list[str]):
+    if len(values) > 1 and ({"auto", "none"} & set(values)):
+        raise UsageError(f"--gpu-ops {' '.join(values)}: auto and none stand alone; or list the pieces")
+    return values[0] if values[0] in ("auto", "none") else tuple(values)
 
 
 def _check_device(raw: str) -> str:
@@ -241,7 +260,13 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from litefocus.export.audit import AuditError
-    from litefocus.export.pipeline import export_engines, resolve_attention, resolve_backend, resolve_conv
+    from litefocus.export.pipeline import (
+        export_engines,
+        resolve_attention,
+        resolve_backend,
+        resolve_conv,
+        resolve_gpu_ops,
+    )
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.export.validate import ValidationError
 
@@ -259,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             attention=resolve_attention(opts.attention, backend),
             conv=resolve_conv(opts.conv, backend, opts.device, opts.precision),
         )
+        opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv))
         manifest, rows = export_engines(opts)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)

@@ -18,21 +18,14 @@ import contextlib
 
 import onnx
 import torch
-from onnx import helper
 
 from litefocus.attention import packed_sdpa
 from litefocus.engine.contract import FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP
+from litefocus.export.contrib import contrib_nodes, emit, onnx_dtype
 from litefocus.installer import is_self_attention
 from litefocus.processor import LiteFocusAttnProcessor, PackedSelfAttnProcessor
 
 CONTRIB_DOMAIN, FUSED_OP = FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP
-
-
-_ONNX_DTYPES = {
-    torch.float32: onnx.TensorProto.FLOAT,
-    torch.float16: onnx.TensorProto.FLOAT16,
-    torch.bfloat16: onnx.TensorProto.BFLOAT16,
-}
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -44,13 +37,7 @@ class _MultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, heads: int, scale: float, shape: tuple, dtype: int):
-        out = g.op(f"{CONTRIB_DOMAIN}::{FUSED_OP}", q, k, v, num_heads_i=heads, scale_f=scale)
-        # ONNX shape inference has no schema for contrib ops: a pass-through that states the output's
-        # type and static shape (the query's) lets it go on past this node. finish_fused_graph
-        # removes it once the node's own output is annotated.
-        out.setType(q.type().with_sizes(list(shape)))  # for the exporter's own inference
-        out = g.op("Cast", out, to_i=dtype)
-        return g.op("Reshape", out, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+        return emit(g, FUSED_OP, [q, k, v], [shape], dtype, num_heads_i=heads, scale_f=scale)
 
 
 def multi_head_attention(
@@ -64,10 +51,8 @@ def multi_head_attention(
         )
     # static Python numbers: a traced shape would turn the scale into a graph value, not an attribute
     scale = (int(q.shape[-1]) // int(heads)) ** -0.5 if scale is None else float(scale)
-    if q.dtype not in _ONNX_DTYPES:
-        raise ValueError(f"multi_head_attention: {q.dtype} is not exportable; use float32, float16 or bfloat16")
     shape = tuple(int(x) for x in q.shape)  # static: a constant of the graph
-    return _MultiHeadAttention.apply(q, k, v, int(heads), scale, shape, _ONNX_DTYPES[q.dtype])
+    return _MultiHeadAttention.apply(q, k, v, int(heads), scale, shape, onnx_dtype(q))
 
 
 @contextlib.contextmanager
@@ -94,44 +79,4 @@ def fused_attention(*models: torch.nn.Module):
 
 
 def fused_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    return [n for n in graph.node if n.domain == CONTRIB_DOMAIN and n.op_type == FUSED_OP]
-
-
-def finish_fused_graph(model: onnx.ModelProto) -> int:
-    """Annotate each fused node's output with its static type and shape (those of the pass-through
-    its symbolic added) and drop the pass-through (in place). Returns the number of fused nodes."""
-    graph = model.graph
-    nodes = fused_nodes(graph)
-    if not nodes:
-        return 0
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    typed = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.output)}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
-    rename, dropped = {}, set()
-    for node in nodes:
-        (cast,) = consumers[node.output[0]]
-        (reshape,) = consumers[cast.output[0]]
-        assert cast.op_type == "Cast" and reshape.op_type == "Reshape", (cast.op_type, reshape.op_type)
-        if reshape.output[0] in outputs:  # the graph's own output keeps its name (and pass-through)
-            continue
-        shaped = typed[reshape.output[0]].type.tensor_type
-        dims = [d.dim_value for d in shaped.shape.dim]
-        graph.value_info.append(helper.make_tensor_value_info(node.output[0], shaped.elem_type, dims))
-        rename[reshape.output[0]] = node.output[0]
-        dropped.update((id(cast), id(reshape)))
-    kept = [n for n in graph.node if id(n) not in dropped]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    del graph.node[:]
-    graph.node.extend(kept)
-    annotated = {n.output[0] for n in nodes}
-    infos = [vi for vi in graph.value_info if vi.name not in annotated or vi.type.tensor_type.shape.dim]
-    del graph.value_info[:]  # the exporter's untyped entries for the fused outputs
-    graph.value_info.extend(infos)
-    return len(nodes)
+    return contrib_nodes(graph, FUSED_OP)

@@ -18,8 +18,9 @@ import torch
 from litefocus.buckets import LATENT_FREQ_BINS, Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine.contract import UNetContract, index_input_name
+from litefocus.export.contrib import finish_contrib_graph
 from litefocus.export.fold import drop_unused, fold_static_shapes
-from litefocus.export.fused import finish_fused_graph
+from litefocus.export.layout import cancel_transposes
 from litefocus.export.winograd import rewrite_convs
 from litefocus.installer import self_attention_freq_bins
 
@@ -99,12 +100,15 @@ def export_onnx(
     seed: int = 0,
     device: torch.device | str = "cpu",
     conv: str = "direct",
+    channels_last: bool = False,
 ) -> tuple[Path, Path]:
     """Trace ``module`` at the contract's static shapes into ``onnx_path`` + ``<name>.data``.
 
     The module must already be in the contract's precision and on ``device`` (fp16 is traced on a
     GPU: CPU fp16 kernels are slow or missing). ``conv="winograd"`` rewrites its 3x3 convolutions
-    (``export/winograd.py``). Returns (graph, weights) paths.
+    (``export/winograd.py``). ``channels_last``: the module was traced in the GPU form's NHWC blocks
+    (``export/gpu_form.py``), whose edge Transposes are then cancelled (``export/layout.py``).
+    Returns (graph, weights) paths.
     """
     onnx_path = Path(onnx_path)
     raw_dir = onnx_path.parent / (onnx_path.stem + ".raw")
@@ -129,8 +133,10 @@ def export_onnx(
     _save_with_weights(onnx.load(str(raw), load_external_data=True), onnx_path, data_name)
     shutil.rmtree(raw_dir)
     graph = fold_static_shapes(onnx.load(str(onnx_path), load_external_data=False))
-    if finish_fused_graph(graph):
+    if finish_contrib_graph(graph):
         drop_unused(graph.graph)  # the pass-throughs' shape constants
+    if channels_last:
+        logger.info("%s: %d layout transposes cancelled", onnx_path.name, cancel_transposes(graph))
     onnx.save_model(graph, str(onnx_path))
     data = onnx_path.parent / data_name
     if conv == "winograd":  # on the folded graph, where every shape is static

@@ -33,6 +33,7 @@ from litefocus.engine.contract import ATTENTION_FORMS, CONV_FORMS, DecodeContrac
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
+from litefocus.export.gpu_form import gpu_form
 from litefocus.export.group_norm import precise_group_norm
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
@@ -65,6 +66,7 @@ class ExportOptions:
     attention: str = "auto"  # resolved: "fused" (ONNX Runtime) or "plain" (see resolve_attention)
     decode_window: float | None = None  # seconds: longer buckets decode in windows (time-chunked)
     conv: str = "auto"  # the UNet's 3x3 convolutions, resolved: "winograd" or "direct" (see resolve_conv)
+    gpu_ops: tuple[str, ...] | str = "auto"  # the GPU graph form's pieces, resolved (see resolve_gpu_ops)
 
 
 def resolve_backend(backend: str) -> str:
@@ -106,6 +108,29 @@ def resolve_conv(conv: str, backend: str, device: str, precision: str) -> str:
         cpu_fp32 = device.startswith("cpu") and precision == "fp32"
         return "winograd" if backend != "tensorrt" and cpu_fp32 else "direct"
     return conv
+
+
+def resolve_gpu_ops(gpu_ops, backend: str, device: str, conv: str) -> tuple[str, ...]:
+    """auto -> every piece of the GPU graph form (``export/gpu_form.py``) for ONNX Runtime engines
+    exported on a GPU, none otherwise. The form runs on the CUDA EP only, and the export validates
+    every graph on it: asking for a piece elsewhere is an error naming the fix."""
+    from litefocus.engine.contract import GPU_OPS
+    from litefocus.export.gpu_form import check_gpu_ops
+
+    on_gpu = device.startswith("cuda")
+    if gpu_ops == "auto":
+        return GPU_OPS if on_gpu and backend != "tensorrt" and conv != "winograd" else ()
+    ops = check_gpu_ops(() if gpu_ops in ("none", None) else gpu_ops)
+    if ops and backend == "tensorrt":
+        raise ValueError("--gpu-ops: the TensorRT parser takes no ONNX Runtime contrib ops; use --gpu-ops none")
+    if ops and not on_gpu:
+        raise ValueError(
+            f"--gpu-ops {' '.join(ops)}: these contrib ops run only on ONNX Runtime's CUDA EP, where the "
+            "export validates them; export with --device cuda, or use --gpu-ops none"
+        )
+    if "nhwc" in ops and conv == "winograd":
+        raise ValueError("--gpu-ops nhwc writes every convolution as NhwcConv; use --conv direct (or auto)")
+    return ops
 
 
 class Components:
@@ -277,6 +302,7 @@ def cache_key(opts: ExportOptions, identity: dict, bucket: Bucket, batch: int) -
             "precision": opts.precision,
             "attention": opts.attention,
             "conv": opts.conv,
+            "gpu_ops": list(opts.gpu_ops),
             "decode_window": opts.decode_window,
         }
     )
@@ -297,18 +323,21 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, opt
     """export -> audit -> validate -> build for one module into ``out_dir`` (renamed to ``entry`` later);
     returns its manifest record. The graph is traced with ``opts.attention``'s form; validation runs
     the module as it is (PyTorch's own attention) against it."""
-    backend, form = opts.backend, opts.attention
+    backend, form, ops = opts.backend, opts.attention, tuple(opts.gpu_ops)
     conv = opts.conv if name == "unet" else "direct"
     t0 = time.perf_counter()
     bar.set_postfix_str(f"{name}: export")
     device = next(module.parameters()).device
     fused = fused_attention(module) if form == "fused" else contextlib.nullcontext()
-    with fused, split_geglu(module), precise_group_norm(module):
-        graph, data = export_onnx(module, contract, out_dir / f"{name}.onnx", device=device, conv=conv)
+    # the GPU form first: the modules it takes are hidden from the swaps after it
+    with gpu_form(module, ops=ops), fused, split_geglu(module), precise_group_norm(module):
+        graph, data = export_onnx(
+            module, contract, out_dir / f"{name}.onnx", device=device, conv=conv, channels_last="nhwc" in ops
+        )
     export_s = time.perf_counter() - t0
     bar.update()
     bar.set_postfix_str(f"{name}: audit")
-    audit = audit_graph(graph, attention, form, conv)
+    audit = audit_graph(graph, attention, form, conv, gpu_ops=ops)
     bar.update()
     bar.set_postfix_str(f"{name}: validate")
     t1 = time.perf_counter()
@@ -320,6 +349,7 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, opt
         "contract": contract.to_dict(),
         "attention": form,
         "conv": conv,
+        "gpu_ops": list(ops),
         "audit": audit.to_dict(),
         "validation": validation,
         "export_seconds": export_s,
@@ -420,6 +450,7 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         attention=resolve_attention(opts.attention, opts.backend),
         conv=resolve_conv(opts.conv, opts.backend, opts.device, opts.precision),
     )
+    opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv))
     out = Path(opts.out)
     _prepare_out(out)
     components = Components(opts)

@@ -9,6 +9,17 @@ from collections.abc import Callable
 import torch
 
 
+def modules_to_swap(model: torch.nn.Module):
+    """``model.modules()`` without the modules whose class sets ``swap_opaque`` and their descendants:
+    a swap that computes its wrapped module's children itself (``gpu_form.py``) keeps later swaps
+    out of them."""
+    if getattr(model, "swap_opaque", False):
+        return
+    yield model
+    for child in model.children():
+        yield from modules_to_swap(child)
+
+
 @contextlib.contextmanager
 def swapped(
     models: tuple[torch.nn.Module, ...], kind: type, wrap: Callable[[torch.nn.Module], torch.nn.Module]
@@ -17,7 +28,7 @@ def swapped(
     (yields how many), the originals put back after."""
     found = []
     for model in models:
-        for parent in model.modules():
+        for parent in modules_to_swap(model):
             for name, child in list(parent.named_children()):
                 if type(child) is kind:
                     found.append((parent, name, child))

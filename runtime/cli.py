@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="cpu (default) or cuda[:N]: ONNX Runtime's CUDA EP (onnxruntime-gpu) or TensorRT",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="with --device cuda: capture each UNet session once as a CUDA graph and replay it every step",
+    )
     p.add_argument("--float", action="store_true", help="32-bit float WAV instead of 16-bit PCM")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -78,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             negative_prompt=args.negative_prompt,
         )
-        with Runtime.load(args.engines, backend=args.backend, device=args.device) as rt:
+        with Runtime.load(
+            args.engines, backend=args.backend, device=args.device, cuda_graph=args.cuda_graph
+        ) as rt:
             audio = rt.generate(args.prompt, args.seconds, options, progress=not args.quiet)
         write_wav(args.output, audio, float32=args.float)
     except ValueError as e:

@@ -117,10 +117,18 @@ MODULES = ("unet", "decode")
 
 
 def open_entry(
-    engine_dir: Path, name: str, entry: dict, config, requested: str, device: tuple[str, int], modules=MODULES
+    engine_dir: Path,
+    name: str,
+    entry: dict,
+    config,
+    requested: str,
+    device: tuple[str, int],
+    modules=MODULES,
+    cuda_graph: bool = False,
 ):
     """Verify the entry's files (hashes), rebuild its contracts and open the backends of ``modules``
-    (both by default; a denoiser needs only the UNet, a decoder only the decode graph)."""
+    (both by default; a denoiser needs only the UNet, a decoder only the decode graph). ``cuda_graph``:
+    the ONNX Runtime UNet session replays one captured CUDA graph (the decode runs once a request)."""
     problems = mf.verify_entry(engine_dir, entry)
     if problems:
         raise ValueError(
@@ -149,6 +157,7 @@ def open_entry(
                 if m not in wanted:
                     opened.append(None)
                     continue
+                check_gpu_form(name, m, records[m], device)
                 files = records[m]["files"]
                 opened.append(
                     OnnxRuntimeBackend(
@@ -156,6 +165,7 @@ def open_entry(
                         c,
                         device=device_text,
                         data_path=mf.artifact_path(engine_dir, files["data"]["path"]),
+                        cuda_graph=cuda_graph and m == "unet",
                     )
                 )
     except BaseException:
@@ -167,6 +177,16 @@ def open_entry(
     if decode is not None and decode_c.window_frames is not None:
         decode = ChunkedDecode(decode, decode_c)
     return OpenEntry(opened[0], decode, unet_c, decode_c)
+
+
+def check_gpu_form(name: str, module: str, record: dict, device: tuple[str, int]) -> None:
+    """A graph of the GPU form (ONNX Runtime CUDA contrib ops) opens only on a CUDA device."""
+    ops = record.get("gpu_ops") or []
+    if ops and device[0] != "cuda":
+        raise ValueError(
+            f"engine {name}: its {module} graph was exported in the GPU form ({', '.join(ops)}: ONNX Runtime "
+            "CUDA contrib ops) and runs only with --device cuda; for the CPU, export with --device cpu"
+        )
 
 
 class ChunkedDecode:

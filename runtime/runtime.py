@@ -33,11 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 class Runtime:
-    def __init__(self, engine_dir: Path, manifest: dict, backend: str, device: tuple[str, int]):
+    def __init__(
+        self, engine_dir: Path, manifest: dict, backend: str, device: tuple[str, int], cuda_graph: bool = False
+    ):
         self.engine_dir = engine_dir
         self.manifest = manifest
         self.backend = backend
         self.device = device  # ("cpu", 0) | ("cuda", N)
+        self.cuda_graph = cuda_graph  # UNet sessions captured once and replayed (CUDA EP)
         cfg = manifest["litefocus"]
         self.config = None if cfg is None else LiteFocusConfig.from_dict(cfg)
         entries = sorted(
@@ -54,12 +57,18 @@ class Runtime:
 
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None) -> Runtime:
+    def load(
+        cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None, cuda_graph: bool = False
+    ) -> Runtime:
         """Read and check the manifest; engines open lazily, per bucket, on first use.
-        ``device``: "cpu" (default) or "cuda[:N]" (ONNX Runtime's CUDA EP, or TensorRT)."""
+        ``device``: "cpu" (default) or "cuda[:N]" (ONNX Runtime's CUDA EP, or TensorRT).
+        ``cuda_graph``: each UNet session on the CUDA EP is captured once as a CUDA graph and
+        replayed every step (its inputs and output at fixed device addresses; see ``SharedBinding``)."""
         if backend not in RUNTIME_BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(RUNTIME_BACKENDS)}")
         dev = parse_device(device)
+        if cuda_graph and dev[0] != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, got device {device!r}; add --device cuda")
         engine_dir = Path(engine_dir)
         if engine_dir.exists() and not engine_dir.is_dir():
             raise ValueError(
@@ -73,7 +82,7 @@ class Runtime:
             from litefocus.engine.tensorrt_backend import require_tensorrt
 
             require_tensorrt()  # TensorRTNotInstalled names the package to install
-        return cls(engine_dir, manifest, backend, dev)
+        return cls(engine_dir, manifest, backend, dev, cuda_graph)
 
     def close(self) -> None:
         with self._lock:
@@ -168,7 +177,14 @@ class Runtime:
             missing = tuple(m for m in MODULES if m in modules and (name, m) not in self._backends)
             if missing:
                 opened = open_entry(
-                    self.engine_dir, name, self.entries[name], self.config, self.backend, self.device, missing
+                    self.engine_dir,
+                    name,
+                    self.entries[name],
+                    self.config,
+                    self.backend,
+                    self.device,
+                    missing,
+                    cuda_graph=self.cuda_graph,
                 )
                 for m in missing:
                     self._backends[(name, m)] = getattr(opened, m)

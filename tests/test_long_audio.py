@@ -87,13 +87,14 @@ class _FusedDense(torch.nn.Module):
 def _fused_session(module, args, names, tmp_path):
     import onnxruntime as ort
 
+    from litefocus.export.contrib import finish_contrib_graph
     from litefocus.export.fold import fold_static_shapes
-    from litefocus.export.fused import finish_fused_graph, fused_nodes
+    from litefocus.export.fused import fused_nodes
 
     path = tmp_path / "a.onnx"
     torch.onnx.export(module, args, str(path), dynamo=False, opset_version=18, input_names=names)
     model = fold_static_shapes(onnx.load(str(path)))
-    assert finish_fused_graph(model) == 1
+    assert finish_contrib_graph(model) == 1
     assert not [n for n in model.graph.node if n.op_type == "Softmax"]
     (node,) = fused_nodes(model.graph)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -9,6 +9,8 @@
 #   A      PyTorch fp16: eager at 10-160 s, torch.compile + CUDA graphs at 80 s, <= 6 minutes
 #   A2     PyTorch fp16: torch.compile (default mode) at 80 s, <= 5 minutes
 #   B      the fp16 export of the 80 s bucket + ONNX Runtime CUDA EP rows, once every part is there
+#   C      issue 30: the GPU-form engine (CUDA graphs on/off) against litefocus-compile reduce-overhead,
+#          25-step generations at 80 and 160 s, and the form's pieces one by one (<= 9 minutes)
 #   check  step-level batching on the CUDA EP equals requests run alone (bench/gpu/batching_check.py;
 #          tiny model, about a minute), once every onnxruntime-gpu part is there
 set -uo pipefail
@@ -67,7 +69,7 @@ dry_run() {
     mkdir -p "$out" && [ -w "$out" ] || die "OUT=$out is not a writable directory"
   fi
   "$PY" -m litefocus.bench.gpu_plan check --out "$tmp/results" || exit 1
-  echo "run.sh: dry run passed (phases A, A2 and B planned; outputs fit the machine's limits)"
+  echo "run.sh: dry run passed (phases A, A2, B and C planned; outputs fit the machine's limits)"
 }
 
 stash() {
@@ -127,15 +129,15 @@ for step in "$@"; do
   case "$step" in
     stash) stash ;;
     A|A2) [ -n "$installed" ] || { install_base; installed=1; }; phase "$step" || rc=1 ;;
-    B) [ -n "$installed" ] || { install_base; installed=1; }
-       if install_ort; then phase B || rc=1; fi ;;
+    B|C) [ -n "$installed" ] || { install_base; installed=1; }
+       if install_ort; then phase "$step" || rc=1; fi ;;
     check) [ -n "$installed" ] || { install_base; installed=1; }
        if install_ort; then
          mkdir -p "$OUT"
          "$PY" bench/gpu/batching_check.py --out "$OUT" > "$OUT/check.log" 2>&1 || rc=1
          tail -3 "$OUT/check.log"
        fi ;;
-    *) die "unknown step '$step'; use --dry-run, stash, A, A2, B or check" ;;
+    *) die "unknown step '$step'; use --dry-run, stash, A, A2, B, C or check" ;;
   esac
 done
 exit $rc

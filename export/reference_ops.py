@@ -1,0 +1,149 @@
+"""numpy twins of the ONNX Runtime contrib ops the exported graphs use, for ``onnx.reference``.
+
+GroupNorm, SkipGroupNorm, NhwcConv and BiasSplitGelu run only on ONNX Runtime's CUDA EP, so a
+GPU-form graph cannot run on a CPU through ONNX Runtime. ``reference_session(path)`` evaluates it
+with ``onnx.reference.ReferenceEvaluator`` and these implementations instead (float64 inside, the
+input's precision out), which is how the tests check the GPU form against PyTorch on a CPU. Each
+twin is itself tested against the plain-op subgraph it replaces (``tests/test_contrib_twins.py``); whole tiny graphs in the GPU form against
+PyTorch are in ``tests/test_gpu_form.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from litefocus.engine.contract import CONTRIB_DOMAIN
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])  # float64, element by element (tiny graphs)
+
+
+def group_norm_nhwc(x, gamma, beta, groups: int, eps: float, silu: bool) -> np.ndarray:
+    """x: [B, H, W, C] -> normalized per (batch, group) over H, W and the group's C / groups."""
+    b, h, w, c = x.shape
+    xg = x.astype(np.float64).reshape(b, h * w, groups, c // groups)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    y = ((xg - mean) / np.sqrt(var + eps)).reshape(b, h, w, c) * gamma.astype(np.float64) + beta
+    if silu:
+        y = y / (1.0 + np.exp(-y))
+    return y.astype(x.dtype)
+
+
+class GroupNorm(OpRun):
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, x, gamma, beta, activation=None, channels_last=None, epsilon=None, groups=None):
+        if channels_last == 0:
+            raise NotImplementedError("GroupNorm twin: only channels_last=1 (what the exporter writes)")
+        eps = 1e-5 if epsilon is None else epsilon  # the op's default
+        return (group_norm_nhwc(x, gamma, beta, groups, eps, activation == 1),)
+
+
+class SkipGroupNorm(OpRun):
+    """y = GroupNorm(x + skip + bias); the optional second output is that sum."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(
+        self, x, gamma, beta, skip, bias=None, activation=None, channels_last=None, epsilon=None, groups=None
+    ):
+        s = x.astype(np.float64) + skip + (0.0 if bias is None else bias)
+        eps = 1e-5 if epsilon is None else epsilon  # the op's default
+        y = group_norm_nhwc(s, gamma, beta, groups, eps, activation == 1).astype(x.dtype)
+        return (y, s.astype(x.dtype))
+
+
+class NhwcConv(OpRun):
+    """Conv on x: [B, H, W, C] with weight [M, kH, kW, C / group] -> [B, H', W', M]."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(
+        self,
+        x,
+        w,
+        b=None,
+        auto_pad=None,
+        dilations=None,
+        group=None,
+        kernel_shape=None,
+        pads=None,
+        strides=None,
+    ):
+        from onnx.reference.ops.op_conv import Conv
+
+        nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float64)
+        weight = np.ascontiguousarray(w.transpose(0, 3, 1, 2)).astype(np.float64)
+        args = [nchw, weight] + ([] if b is None else [b.astype(np.float64)])
+        y = Conv.eval(
+            *args,
+            auto_pad=auto_pad or "NOTSET",
+            dilations=dilations,
+            group=group or 1,
+            kernel_shape=kernel_shape,
+            pads=pads,
+            strides=strides,
+        )
+        return (np.ascontiguousarray(y.transpose(0, 2, 3, 1)).astype(x.dtype),)
+
+
+class BiasSplitGelu(OpRun):
+    """x: [B, N, 2D], bias [2D] -> (x + bias)[..., :D] * gelu((x + bias)[..., D:]) (erf GELU)."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, x, bias):
+        s = x.astype(np.float64) + bias
+        h, gate = np.split(s, 2, axis=-1)
+        return ((h * 0.5 * gate * (1.0 + _erf(gate / np.sqrt(2.0)))).astype(x.dtype),)
+
+
+class MultiHeadAttention(OpRun):
+    """The form the exporter writes: query [B, Lq, M*D], key and value [B, Lk, M*D], no mask or bias."""
+
+    op_domain = CONTRIB_DOMAIN
+
+    def _run(self, q, k=None, v=None, *rest, num_heads=None, scale=None, **_):
+        if k is None or v is None or any(r is not None for r in rest):
+            raise NotImplementedError(
+                "MultiHeadAttention twin: separate q, k, v only (what the exporter writes)"
+            )
+        b, lq, c = q.shape
+        d = c // num_heads
+
+        def heads(x):  # [B, L, M*D] -> [B, M, L, D]
+            return x.astype(np.float64).reshape(b, x.shape[1], num_heads, d).transpose(0, 2, 1, 3)
+
+        s = heads(q) @ heads(k).transpose(0, 1, 3, 2) * (scale if scale else d**-0.5)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        out = (p / p.sum(axis=-1, keepdims=True)) @ heads(v)
+        return (out.transpose(0, 2, 1, 3).reshape(b, lq, c).astype(q.dtype),)
+
+
+class GatherElements(OpRun):
+    """onnx.reference's own gathers through ``np.choose``, which takes fewer than 64 choices along the
+    axis: the LiteFocus sample gathers from T tokens. Same op, through ``np.take_along_axis``."""
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = axis or 0
+        idx = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, idx.astype(np.int64), axis=axis),)
+
+
+CONTRIB_TWINS = (GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, MultiHeadAttention)
+
+
+def reference_session(model_or_path) -> ReferenceEvaluator:
+    """``onnx.reference`` over a graph (path or ModelProto, weights next to it) with the contrib twins."""
+    import onnx
+
+    if isinstance(model_or_path, (str, Path)):
+        model_or_path = onnx.load(str(model_or_path), load_external_data=True)
+    return ReferenceEvaluator(model_or_path, new_ops=[*CONTRIB_TWINS, GatherElements])
