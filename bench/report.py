@@ -77,9 +77,12 @@ def _sorted_rows(rows: list[dict]) -> list[dict]:
 
 
 def backend_label(row: dict) -> str:
-    """The backend, with its torch.compile mode when that is not the default (e.g. CUDA graphs)."""
+    """The backend, with its torch.compile mode when that is not the default (e.g. CUDA graphs) and
+    an engine's GPU graph form when it has one (the UNet's contrib-op pieces)."""
     mode = row.get("compile_mode")
-    return row["backend"] + (f" ({mode})" if mode not in (None, "default") else "")
+    label = row["backend"] + (f" ({mode})" if mode not in (None, "default") else "")
+    ops = (row.get("gpu_ops") or {}).get("unet")
+    return label + (f" [{'+'.join(ops)}]" if ops else "")
 
 
 def _fmt(x, spec: str = ".1f", none: str = "–") -> str:

@@ -38,13 +38,15 @@ FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP = CONTRIB_DOMAIN, "MultiHeadAttention
 # as its "gpu_ops": which of ONNX Runtime's CUDA-only contrib ops the graph was written with.
 #   "nhwc": channels-last maps end to end: NhwcConv and GroupNorm (with its SiLU fused);
 #   "skip_group_norm": the ResNet's conv1 + time-embedding add feeding norm2 as one SkipGroupNorm;
-#   "bias_split_gelu": the GEGLU feed-forward's bias, split and GELU as one BiasSplitGelu.
+#   "bias_split_gelu": the GEGLU feed-forward's bias, split and GELU as one BiasSplitGelu;
+#   "packed_attention": MultiHeadAttention on one packed QKV / KV projection, cross-attention fused too.
 # A graph with any of these runs on the CUDA EP only. () is the form every EP runs.
-GPU_OPS = ("nhwc", "skip_group_norm", "bias_split_gelu")
-GPU_CONTRIB_OPS = {
+GPU_OPS = ("nhwc", "skip_group_norm", "bias_split_gelu", "packed_attention")
+GPU_CONTRIB_OPS = {  # the contrib ops each piece adds to a graph (MultiHeadAttention: any fused graph)
     "nhwc": ("NhwcConv", "GroupNorm"),
     "skip_group_norm": ("SkipGroupNorm",),
     "bias_split_gelu": ("BiasSplitGelu",),
+    "packed_attention": (),
 }
 
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked

@@ -319,9 +319,11 @@ def attention_shapes(graph: onnx.GraphProto, known: dict) -> Counter:
             if dims and len(dims) >= 2:
                 shapes[dims[-2:]] += 1
         elif (node.domain, node.op_type) == (CONTRIB_DOMAIN, FUSED_OP):
-            q, k = (known.get(name) for name in node.input[:2])
+            q, k = (known.get(name) for name in (*node.input, "")[:2])
             q_dims, k_dims = (None if vi is None else _static_dims(vi) for vi in (q, k))
-            if q_dims and k_dims:  # q: [B, Lq, M*D], k: [B, Lk, M*D]
+            if q_dims and len(q_dims) == 5:  # a packed QKV query [B, L, M, 3, D]: self-attention
+                k_dims = q_dims
+            if q_dims and k_dims:  # q: [B, Lq, M*D], k: [B, Lk, M*D] or a packed KV [B, Lk, M, 2, D]
                 shapes[q_dims[1], k_dims[1]] += 1
     return shapes
 

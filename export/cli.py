@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OP",
         help="the GPU graph form's pieces (ONNX Runtime CUDA contrib ops; such graphs run on the CUDA EP "
         "only): nhwc (NhwcConv + GroupNorm with SiLU fused, channels-last maps end to end), "
-        "skip_group_norm (needs nhwc), bias_split_gelu. auto: all three with --device cuda (not for "
-        "TensorRT), none otherwise",
+        "skip_group_norm (needs nhwc), bias_split_gelu, packed_attention (one projection per attention, "
+        "cross-attention fused). auto (default): none for now, until the form is "
+        "measured on a GPU (bench/gpu/run.sh C); none: the form every EP runs",
     )
     p.add_argument(
         "--decode-window",
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             attention=resolve_attention(opts.attention, backend),
             conv=resolve_conv(opts.conv, backend, opts.device, opts.precision),
         )
-        opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv))
+        opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv, opts.attention))
         manifest, rows = export_engines(opts)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)

@@ -66,6 +66,8 @@ def fused_attention(*models: torch.nn.Module):
                 if not is_self_attention(module):
                     continue
                 old = module.processor
+                if getattr(old, "fused", False):  # already an export form of its own (gpu_attention.py)
+                    continue
                 if isinstance(old, LiteFocusAttnProcessor):
                     new = old.with_attend(multi_head_attention)
                 else:

@@ -13,9 +13,12 @@ like ``geglu.py``), not pattern-matched afterwards:
   * ``skip_group_norm``: a ResNet block's ``conv1 + bias + time embedding -> norm2 -> SiLU`` is one
     ``SkipGroupNorm`` (conv1 without its bias, which becomes the node's bias input);
   * ``bias_split_gelu``: the GEGLU feed-forward's projection is a bias-free MatMul and one
-    ``BiasSplitGelu`` (bias add, split, erf-GELU gate, product).
+    ``BiasSplitGelu`` (bias add, split, erf-GELU gate, product);
+  * ``packed_attention``: MultiHeadAttention on one projection per attention (packed QKV, packed
+    KV for LiteFocus and cross-attention) and cross-attention fused too (``gpu_attention.py``).
 
-Attention (the LiteFocus static form and the dense layers) is untouched: ``fused.py``. Each piece
+The LiteFocus static form is the same computation in every piece (the audit checks its [T, T + S]
+shapes); without ``packed_attention`` attention is ``fused.py``'s. Each piece
 is chosen per export (``GPU_OPS``) so its effect can be measured alone. The eager forward of every
 swapped module is the computation the graph is validated against; the contrib ops' numpy twins for
 ``onnx.reference`` are in ``reference_ops.py``.
@@ -33,6 +36,7 @@ from diffusers.models.upsampling import Upsample2D
 
 from litefocus.engine.contract import GPU_OPS
 from litefocus.export.contrib import bias_split_gelu, group_norm_nhwc, nhwc_conv, skip_group_norm_nhwc
+from litefocus.export.gpu_attention import packed_attention_processors
 from litefocus.export.swap import swapped
 
 
@@ -50,6 +54,12 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C] -> [B, C, H, W]
 # bias_split_gelu.cc). AudioLDM2 fits GroupNorm everywhere (4-40 channels per group) and BiasSplitGelu
 # at its 640-channel level and mid block (2560); elsewhere the plain form stays.
 BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)
+
+# What ``--gpu-ops auto`` picks for a GPU export: nothing yet. The form is proven on the CPU (the tiny
+# graphs against PyTorch through onnx.reference), not yet run on the CUDA EP, so a default export stays
+# on the measured CUDA form until bench/gpu/run.sh C has validated and timed it on a lent GPU; then this
+# becomes GPU_OPS (or the pieces that paid). Asked for explicitly, the form is exported and validated.
+AUTO_GPU_OPS: tuple[str, ...] = ()
 
 
 def group_norm_ok(norm: torch.nn.GroupNorm, channels: int | None = None) -> bool:
@@ -228,6 +238,8 @@ def gpu_form(*models: torch.nn.Module, ops=GPU_OPS):
         if "bias_split_gelu" in ops:
             # diffusers' GEGLU gates with erf-GELU, as BiasSplitGelu does
             stack.enter_context(swapped(models, GEGLU, _maybe(bias_split_gelu_ok, SplitGeluGEGLU)))
+        if "packed_attention" in ops:
+            stack.enter_context(packed_attention_processors(*models))
         if "nhwc" in ops:
             skip = "skip_group_norm" in ops
             stack.enter_context(

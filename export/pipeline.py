@@ -110,16 +110,15 @@ def resolve_conv(conv: str, backend: str, device: str, precision: str) -> str:
     return conv
 
 
-def resolve_gpu_ops(gpu_ops, backend: str, device: str, conv: str) -> tuple[str, ...]:
-    """auto -> every piece of the GPU graph form (``export/gpu_form.py``) for ONNX Runtime engines
-    exported on a GPU, none otherwise. The form runs on the CUDA EP only, and the export validates
-    every graph on it: asking for a piece elsewhere is an error naming the fix."""
-    from litefocus.engine.contract import GPU_OPS
-    from litefocus.export.gpu_form import check_gpu_ops
+def resolve_gpu_ops(gpu_ops, backend: str, device: str, conv: str, attention: str = "fused") -> tuple[str, ...]:
+    """auto -> ``gpu_form.AUTO_GPU_OPS`` for ONNX Runtime engines exported on a GPU (none until the
+    form is measured there), none otherwise. The form runs on the CUDA EP only, and the export
+    validates every graph on it: asking for a piece elsewhere is an error naming the fix."""
+    from litefocus.export.gpu_form import AUTO_GPU_OPS, check_gpu_ops
 
     on_gpu = device.startswith("cuda")
     if gpu_ops == "auto":
-        return GPU_OPS if on_gpu and backend != "tensorrt" and conv != "winograd" else ()
+        return AUTO_GPU_OPS if on_gpu and backend != "tensorrt" and conv != "winograd" else ()
     ops = check_gpu_ops(() if gpu_ops in ("none", None) else gpu_ops)
     if ops and backend == "tensorrt":
         raise ValueError("--gpu-ops: the TensorRT parser takes no ONNX Runtime contrib ops; use --gpu-ops none")
@@ -128,6 +127,8 @@ def resolve_gpu_ops(gpu_ops, backend: str, device: str, conv: str) -> tuple[str,
             f"--gpu-ops {' '.join(ops)}: these contrib ops run only on ONNX Runtime's CUDA EP, where the "
             "export validates them; export with --device cuda, or use --gpu-ops none"
         )
+    if "packed_attention" in ops and attention == "plain":
+        raise ValueError("--gpu-ops packed_attention packs the fused attention node; use --attention fused (or auto)")
     if "nhwc" in ops and conv == "winograd":
         raise ValueError("--gpu-ops nhwc writes every convolution as NhwcConv; use --conv direct (or auto)")
     return ops
@@ -450,7 +451,7 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         attention=resolve_attention(opts.attention, opts.backend),
         conv=resolve_conv(opts.conv, opts.backend, opts.device, opts.precision),
     )
-    opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv))
+    opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv, opts.attention))
     out = Path(opts.out)
     _prepare_out(out)
     components = Components(opts)

@@ -104,25 +104,36 @@ class BiasSplitGelu(OpRun):
 
 
 class MultiHeadAttention(OpRun):
-    """The form the exporter writes: query [B, Lq, M*D], key and value [B, Lk, M*D], no mask or bias."""
+    """The forms the exporter writes: query [B, Lq, M*D] with key and value [B, Lk, M*D]; a packed
+    QKV query [B, L, M, 3, D]; a query with a packed KV key [B, Lk, M, 2, D]; optionally a key padding
+    mask [B, Lk] (0: the key gets ``mask_filter_value`` added). No bias, no past, no attention bias."""
 
     op_domain = CONTRIB_DOMAIN
 
-    def _run(self, q, k=None, v=None, *rest, num_heads=None, scale=None, **_):
-        if k is None or v is None or any(r is not None for r in rest):
-            raise NotImplementedError(
-                "MultiHeadAttention twin: separate q, k, v only (what the exporter writes)"
-            )
-        b, lq, c = q.shape
-        d = c // num_heads
+    def _run(self, q, k=None, v=None, bias=None, key_padding_mask=None, *rest, num_heads=None, scale=None,
+             mask_filter_value=None, **_):  # fmt: skip
+        if bias is not None or any(r is not None for r in rest):
+            raise NotImplementedError("MultiHeadAttention twin: no bias, attention bias or past inputs")
+        if q.ndim == 5:  # packed QKV [B, L, M, 3, D]
+            q, k, v = (q[:, :, :, i] for i in range(3))
+        else:
+            q = q.reshape(*q.shape[:2], num_heads, -1)
+            if k.ndim == 5:  # packed KV [B, Lk, M, 2, D]
+                k, v = k[:, :, :, 0], k[:, :, :, 1]
+            else:
+                k, v = (x.reshape(*x.shape[:2], num_heads, -1) for x in (k, v))
+        b, lq, m, d = q.shape
 
-        def heads(x):  # [B, L, M*D] -> [B, M, L, D]
-            return x.astype(np.float64).reshape(b, x.shape[1], num_heads, d).transpose(0, 2, 1, 3)
+        def heads(x):  # [B, L, M, D] -> [B, M, L, D]
+            return x.astype(np.float64).transpose(0, 2, 1, 3)
 
         s = heads(q) @ heads(k).transpose(0, 1, 3, 2) * (scale if scale else d**-0.5)
+        if key_padding_mask is not None:
+            fill = -10000.0 if mask_filter_value is None else mask_filter_value
+            s = s + np.where(key_padding_mask == 0, fill, 0.0)[:, None, None, :]
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         out = (p / p.sum(axis=-1, keepdims=True)) @ heads(v)
-        return (out.transpose(0, 2, 1, 3).reshape(b, lq, c).astype(q.dtype),)
+        return (out.transpose(0, 2, 1, 3).reshape(b, lq, m * d).astype(q.dtype),)
 
 
 class GatherElements(OpRun):

@@ -165,18 +165,22 @@ def focus_attention_packed(
     scale: float | None,
     attend: PackedAttend = packed_sdpa,
 ) -> torch.Tensor:
-    """The static computation on the packed layout, unchecked: q, k, v [B, N, H*D] -> [B, N, H*D]."""
+    """The static computation on the packed layout, unchecked: q, k, v [B, N, H*D] -> [B, N, H*D].
+
+    k and v may be wider than q (a packed key-value projection [B, N, H*2*D] passed as both, for an
+    ``attend`` that takes it so): each is folded with its own width."""
     b, n, c = q.shape
     fb = freq_bins
     t = n // fb
     if not same_frequency:  # every query shares the same S keys: H heads over them
         return attend(q, select_tokens(k, global_idx, 1), select_tokens(v, global_idx, 1), heads, scale)
-    q_f, k_f, v_f = (x.reshape(b, t, fb * c) for x in (q, k, v))  # [B, T, F*H*D]: F*H heads
+    q_f, k_f, v_f = (x.reshape(b, t, fb * x.shape[-1]) for x in (q, k, v))  # [B, T, F*H*D]: F*H heads
     if global_idx is not None:
         s = global_idx.shape[-1]
 
         def shared(x: torch.Tensor) -> torch.Tensor:  # [B, N, H*D] -> [B, S, F*H*D]
-            return select_tokens(x, global_idx, 1).unsqueeze(2).expand(b, s, fb, c).reshape(b, s, fb * c)
+            w = x.shape[-1]
+            return select_tokens(x, global_idx, 1).unsqueeze(2).expand(b, s, fb, w).reshape(b, s, fb * w)
 
         k_f = torch.cat([k_f, shared(k)], dim=1)  # [B, T+S, F*H*D]
         v_f = torch.cat([v_f, shared(v)], dim=1)

@@ -27,6 +27,11 @@ class _SelfAttention:
 
     name = "self-attention"
 
+    def project(self, attn, x: torch.Tensor) -> tuple:
+        """x: [B, N, C] -> the (q, k, v) that ``core`` takes: [B, N, H*D] each (an export form may
+        pack them, e.g. k = v = one key-value projection)."""
+        return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
     def core(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, N, H*D] -> [B, N, H*D]."""
         raise NotImplementedError
@@ -59,9 +64,7 @@ class _SelfAttention:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        q = attn.to_q(hidden_states)  # [B, N, H*D]
-        k = attn.to_k(hidden_states)
-        v = attn.to_v(hidden_states)
+        q, k, v = self.project(attn, hidden_states)  # [B, N, H*D] each
         if attn.norm_q is not None or attn.norm_k is not None:  # per head: [B, H, N, D] and back
             b, n, c = q.shape
             d = c // attn.heads

@@ -182,6 +182,64 @@ def mha_case(lq, lk, heads, d, scale=None, wrong_scale=None):
     return contrib, make_model(nodes, feeds, ["y"], inits), feeds
 
 
+def mha_packed_case(packed, lq, lk, heads, d, mask=False, wrong_fill=None):
+    """Packed QKV ([B, L, M, 3, D] as the query) or a packed KV ([B, Lk, M, 2, D] as the key),
+    optionally with a key padding mask [B, Lk]; the plain subgraph unpacks with Gathers."""
+    rng = np.random.default_rng(5)
+    if packed == "qkv":
+        feeds = {"qkv": (1.3 * rng.standard_normal((2, lq, heads, 3, d))).astype(np.float32)}
+        ins, unpack = ["qkv"], [node("Gather", ["qkv", f"i{i}"], [x], axis=3) for i, x in enumerate("qkv")]
+    else:
+        feeds = {
+            "q": (1.3 * rng.standard_normal((2, lq, heads * d))).astype(np.float32),  # q: [B, Lq, M*D]
+            "kv": (rng.standard_normal((2, lk, heads, 2, d)) + 0.3).astype(
+                np.float32
+            ),  # kv: [B, Lk, M, 2, D]
+        }
+        ins = ["q", "kv"]
+        unpack = [node("Reshape", ["q", "split_heads"], ["q_"]), node("Identity", ["q_"], ["q4"])]
+        unpack += [node("Gather", ["kv", f"i{i}"], [x], axis=3) for i, x in enumerate("kv")]
+    attrs = {"num_heads": heads}
+    if mask:
+        keep = np.ones((2, lk), np.int32)
+        keep[0, lk // 2 :] = 0  # one padded row
+        feeds["mask"] = keep
+        ins = ins + [""] * (4 - len(ins)) + ["mask"]
+    contrib = make_model([node("MultiHeadAttention", ins, ["y"], True, **attrs)], feeds, ["y"])
+    q4 = "q" if packed == "qkv" else "q4"  # [B, Lq, M, D]
+    nodes = [
+        *unpack,
+        node("Transpose", [q4], ["qh"], perm=[0, 2, 1, 3]),  # [B, M, Lq, D]
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 3, 1]),  # [B, M, D, Lk]
+        node("Transpose", ["v"], ["vh"], perm=[0, 2, 1, 3]),  # [B, M, Lk, D]
+        node("MatMul", ["qh", "kt"], ["logits"]),  # [B, M, Lq, Lk]
+        node("Mul", ["logits", "scale"], ["scaled"]),
+    ]
+    if mask:  # + (1 - mask) * fill at the dropped keys: [B, 1, 1, Lk]
+        nodes += [
+            node("Cast", ["mask"], ["maskf"], to=TensorProto.FLOAT),
+            node("Sub", ["one", "maskf"], ["dropped"]),
+            node("Mul", ["dropped", "fill"], ["bias2"]),
+            node("Unsqueeze", ["bias2", "axes12"], ["bias"]),
+            node("Add", ["scaled", "bias"], ["masked"]),
+        ]
+    nodes += [
+        node("Softmax", ["masked" if mask else "scaled"], ["p"], axis=-1),
+        node("MatMul", ["p", "vh"], ["o"]),  # [B, M, Lq, D]
+        node("Transpose", ["o"], ["o2"], perm=[0, 2, 1, 3]),  # [B, Lq, M, D]
+        node("Reshape", ["o2", "merge_heads"], ["y"]),  # [B, Lq, M*D]
+    ]
+    inits = {f"i{i}": np.int64(i) for i in range(3)} | {
+        "split_heads": np.array([2, -1, heads, d]),
+        "merge_heads": np.array([2, lq, heads * d]),
+        "scale": np.float32(d**-0.5),
+        "one": np.float32(1.0),
+        "fill": np.float32(wrong_fill or -10000.0),
+        "axes12": np.array([1, 2]),
+    }
+    return contrib, make_model(nodes, feeds, ["y"], inits), feeds
+
+
 CASES = {
     "group_norm-plain-4ch_per_group": lambda: group_norm_case((2, 5, 3, 12), groups=3, silu=False),
     "group_norm-silu-4ch_per_group": lambda: group_norm_case((1, 4, 6, 16), groups=4, silu=True),
@@ -200,6 +258,9 @@ CASES = {
     "mha-lq_ne_lk-scale": lambda: mha_case(5, 7, heads=2, d=4, scale=0.3),
     "mha-default_scale": lambda: mha_case(6, 6, heads=4, d=8),
     "mha-lq_ne_lk-default_scale": lambda: mha_case(3, 9, heads=1, d=16),
+    "mha-packed_qkv": lambda: mha_packed_case("qkv", 6, 6, heads=3, d=4),
+    "mha-packed_kv": lambda: mha_packed_case("kv", 5, 9, heads=2, d=8),
+    "mha-packed_kv-key_padding_mask": lambda: mha_packed_case("kv", 5, 9, heads=2, d=8, mask=True),
 }
 
 # The same builders with one detail of the plain subgraph wrong: the comparison must catch each.
@@ -210,6 +271,7 @@ WRONG = {
     "nhwc_conv-kernel_hw": lambda: nhwc_conv_case((7, 5), 4, 6, 3, 1, 1, True, wrong_perm=(0, 3, 2, 1)),
     "bias_split_gelu-gate_first": lambda: bias_split_gelu_case(2, 5, 8, gate_first=True),
     "mha-scale": lambda: mha_case(5, 7, heads=2, d=4, scale=0.3, wrong_scale=0.5),
+    "mha-mask_ignored": lambda: mha_packed_case("kv", 5, 9, heads=2, d=8, mask=True, wrong_fill=-1e-3),
 }
 
 

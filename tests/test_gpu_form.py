@@ -41,8 +41,17 @@ def _unet(precision: str = "fp32"):
         unet = unet.half()
     config = litefocus.LiteFocusConfig()
     handle = litefocus.install(unet, config)
-    contract = unet_contract_for(unet, Bucket.for_seconds(5), config, batch=2, text_len=16, precision=precision)
+    contract = unet_contract_for(
+        unet, Bucket.for_seconds(5), config, batch=2, text_len=16, precision=precision
+    )
     return UNetExportModule(unet, contract, handle).eval(), contract
+
+
+def _litefocus_levels(contract):
+    """The audit's expectation at the LiteFocus level: 20 attentions of [T, T + S], no [N, N]."""
+    from litefocus.export.pipeline import attention_expectations
+
+    return attention_expectations(contract.bucket, contract.litefocus, [8] * 20)
 
 
 def _export(module, contract, path, ops):
@@ -66,7 +75,9 @@ def _rel(got, want) -> float:
     return float(np.abs(got - want).max() / np.sqrt(np.mean(want.astype(np.float64) ** 2)))
 
 
-@pytest.mark.parametrize("ops", [GPU_OPS, ("nhwc",), ("bias_split_gelu",)], ids=["all", "nhwc", "gelu"])
+@pytest.mark.parametrize(
+    "ops", [GPU_OPS, ("nhwc",), ("bias_split_gelu",), ("packed_attention",)], ids=["all", "nhwc", "gelu", "packed"]
+)
 def test_tiny_unet_gpu_form_matches_pytorch(ops, tiny_widths, tmp_path):
     module, contract = _unet()
     inputs = contract.sample_inputs(3)
@@ -74,11 +85,12 @@ def test_tiny_unet_gpu_form_matches_pytorch(ops, tiny_widths, tmp_path):
         want = module(*(inputs[n] for n in contract.input_names)).numpy()
     graph = _export(module, contract, tmp_path / "unet.onnx", ops)
     counts = _ops(graph)
-    assert counts["MultiHeadAttention"] == 64  # attention untouched: the LiteFocus levels stay audited
+    # 64 self-attentions, and the 32 cross-attentions fused when packed; the LiteFocus levels stay audited
+    assert counts["MultiHeadAttention"] == 64 + (32 if "packed_attention" in ops else 0)
     assert (counts["NhwcConv"] > 0) == ("nhwc" in ops) and (counts["GroupNorm"] > 0) == ("nhwc" in ops)
     assert (counts["SkipGroupNorm"] > 0) == ("skip_group_norm" in ops)
     assert (counts["BiasSplitGelu"] > 0) == ("bias_split_gelu" in ops)
-    report = audit_graph(graph, (), "fused", "direct", gpu_ops=ops)
+    report = audit_graph(graph, _litefocus_levels(contract), "fused", "direct", gpu_ops=ops)
     if "nhwc" in ops:
         assert report.layout_transposes == 2  # the NCHW latent in and the noise prediction out, nothing else
     (got,) = reference_session(graph).run(None, {n: inputs[n].numpy() for n in contract.input_names})
@@ -100,7 +112,9 @@ def test_fp16_gpu_form_stays_fp16_and_matches_pytorch(tiny_widths, tmp_path):
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(graph), load_external_data=False)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input)}
     contrib = [n for n in model.graph.node if n.domain == "com.microsoft"]
-    assert {types[n.input[0]] for n in contrib} == {types[n.output[0]] for n in contrib} == {TensorProto.FLOAT16}
+    assert (
+        {types[n.input[0]] for n in contrib} == {types[n.output[0]] for n in contrib} == {TensorProto.FLOAT16}
+    )
     norms = [n for n in model.graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm")]
     types.update({i.name: i.data_type for i in model.graph.initializer})
     assert {types[n.input[1]] for n in norms} == {types[n.input[2]] for n in norms} == {TensorProto.FLOAT}
@@ -177,7 +191,7 @@ def test_layout_pass_cancels_pairs_through_add_and_concat():
 
 def test_gpu_ops_are_resolved_once_with_one_line_errors():
     assert resolve_gpu_ops("auto", "onnx", "cpu", "winograd") == ()
-    assert resolve_gpu_ops("auto", "onnx", "cuda:0", "direct") == GPU_OPS
+    assert resolve_gpu_ops("auto", "onnx", "cuda:0", "direct") == gf.AUTO_GPU_OPS
     assert resolve_gpu_ops("auto", "tensorrt", "cuda", "direct") == ()
     assert resolve_gpu_ops(("bias_split_gelu", "nhwc"), "onnx", "cuda", "direct") == (
         "nhwc",

@@ -251,3 +251,30 @@ def test_io_binding_equals_the_plain_call_on_the_cpu_ep(tmp_path):
     backend.close()
     with pytest.raises(RuntimeError, match="closed"):
         backend.bind()
+
+
+def test_phase_c_compares_the_gpu_form_in_one_process():
+    from litefocus.bench.gpu_plan import PHASES, host_ms_per_step
+    from litefocus.bench.report import backend_label
+    from litefocus.bench.targets import unavailable_reason
+
+    runs = {r.name: r.args for r in PHASES["C"].runs}
+    assert "litefocus-compile" in runs["engine80"] and "reduce-overhead" in runs["engine80"]
+    for (
+        name,
+        args,
+    ) in runs.items():  # every run: eager diffusers (the ratio) and the engine with and without graphs
+        assert {"diffusers", "onnxruntime", "onnxruntime-cudagraph"} <= set(args), name
+    assert runs["ablation-none"][runs["ablation-none"].index("--gpu-ops") + 1] == "none"
+    assert (
+        unavailable_reason("onnxruntime-cudagraph", torch.device("cpu"))
+        == "CUDA graphs need a CUDA GPU (--device cuda)"
+    )
+    row = {
+        "backend": "onnxruntime-cudagraph",
+        "gpu_ops": {"unet": ["nhwc", "bias_split_gelu"]},
+        "compile_mode": None,
+    }
+    assert backend_label(row) == "onnxruntime-cudagraph [nhwc+bias_split_gelu]"
+    assert host_ms_per_step({"steps": 25, "denoise_s": 0.5, "step_ms_p50": 15.0}) == "5.00"
+    assert host_ms_per_step({"steps": 0, "denoise_s": None, "step_ms_p50": 15.0}) == "–"

@@ -26,7 +26,9 @@ def _session_and_contract():
         helper.make_node("Add", ["sample", "c2"], ["out"]),
     ]
     two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
-    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(SHAPE)) for n in ("sample", "cond", "out")]
+    values = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, list(SHAPE)) for n in ("sample", "cond", "out")
+    ]
     graph = helper.make_graph(nodes, "g", values[:2], values[2:], [two])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
