@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from litefocus.engine.contract import GPU_OPS
+
 logger = logging.getLogger("litefocus.bench.gpu_plan")
 
 MAX_OUT_FILES = 8  # what the lent machine sends back: at most 8 files, 16 MiB each
@@ -39,7 +41,7 @@ MIN_RUN_S = 30  # a run with less time left than this is not started
 MAX_PHASE_S = 510
 COMMON = ("--device", "cuda", "--precision", "fp16")
 ENGINES = "/tmp/litefocus-engines"  # survives between commands on one warm machine
-GPU_FORM = ("nhwc", "skip_group_norm", "bias_split_gelu")  # phase C: every piece of export/gpu_form.py
+GPU_FORM = GPU_OPS  # phase C: every piece of export/gpu_form.py
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ seconds and matches eager to ~1e-6, where the dynamo exporter takes minutes.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -81,15 +82,25 @@ class UNetExportModule(torch.nn.Module):
 
 
 def _save_with_weights(model: onnx.ModelProto, onnx_path: Path, data_name: str) -> None:
-    """``model`` to ``onnx_path``, every tensor over 1 KB in the one external-data file ``data_name``."""
-    onnx.save_model(
-        model,
-        str(onnx_path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
+    """``model`` to ``onnx_path``, every tensor over 1 KB in the one external-data file ``data_name``.
+
+    onnx refuses to write when a file named ``data_name`` exists relative to the current directory
+    (not the graph's): the save runs from the graph's folder, so a stray ``unet.onnx.data`` where
+    litefocus-export is started does not fail the export."""
+    onnx_path = Path(onnx_path).absolute()
+    cwd = os.getcwd()
+    os.chdir(onnx_path.parent)
+    try:
+        onnx.save_model(
+            model,
+            str(onnx_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+    finally:
+        os.chdir(cwd)
 
 
 def export_onnx(

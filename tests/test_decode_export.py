@@ -214,3 +214,22 @@ def test_unreachable_hub_is_one_clear_error(monkeypatch, load, label):
         RuntimeError, match=rf"the {label} of 'cvssp/audioldm2'.*hub is not reachable.*random_"
     ):
         load("cvssp/audioldm2")
+
+
+def test_a_stray_data_file_in_the_working_directory_does_not_fail_the_export(
+    vae, vocoder, tmp_path, monkeypatch
+):
+    """onnx checks the external-data name against the current directory: the export saves from the
+    graph's own folder, and leaves a file of the same name where it was started alone."""
+    from litefocus.export.onnx_export import export_onnx
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "decode.onnx.data").write_bytes(b"not ours")
+    contract = DecodeContract(Bucket.for_seconds(0.5))
+    out = tmp_path / "entry"
+    out.mkdir()
+    graph, data = export_onnx(
+        DecodeModule.for_contract(vae, vocoder, contract), contract, out / "decode.onnx"
+    )
+    assert data == out / "decode.onnx.data" and data.stat().st_size > 1000
+    assert (tmp_path / "decode.onnx.data").read_bytes() == b"not ours"
