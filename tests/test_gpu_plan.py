@@ -278,3 +278,26 @@ def test_phase_c_compares_the_gpu_form_in_one_process():
     assert backend_label(row) == "onnxruntime-cudagraph [nhwc+bias_split_gelu]"
     assert host_ms_per_step({"steps": 25, "denoise_s": 0.5, "step_ms_p50": 15.0}) == "5.00"
     assert host_ms_per_step({"steps": 0, "denoise_s": None, "step_ms_p50": 15.0}) == "–"
+
+
+def test_profile_engine_rehearses_on_the_cpu(tmp_path):
+    """bench/gpu/profile_engine.py (run by run.sh C on the GPU) opens an engine through the runtime
+    and writes its kernel table; on the CPU the same calls run (CPU time only)."""
+    from litefocus.export import cli as export_cli
+
+    engines = tmp_path / "engines"
+    assert (
+        export_cli.main(
+            ["--seconds", "5", "--random-weights", "--preset", "tiny", "--out", str(engines), "-q"]
+        )
+        == 0
+    )
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "profile_engine.py"
+    out = tmp_path / "out"
+    args = ["--engines", str(engines), "--seconds", "5", "--device", "cpu", "--steps", "1", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "profile-cpu-5s.json").read_text())
+    assert record["entry"] == "5p12s-fp32" and record["gpu_ops"] == {"unet": [], "decode": []}
+    assert record["unet"]["runs"] == 1 and record["unet"]["wall_ms_per_run"] > 0
+    assert record["decode"]["wall_ms_per_run"] > 0

@@ -60,7 +60,7 @@ dry_run() {
   check_list
   check_fetched
   bash -n bench/gpu/run.sh bench/gpu/fetch-wheels.sh || die "syntax error in bench/gpu/*.sh"
-  "$PY" -m py_compile bench/gpu/batching_check.py || die "bench/gpu/batching_check.py does not compile"
+  "$PY" -m py_compile bench/gpu/batching_check.py bench/gpu/profile_engine.py || die "bench/gpu/*.py do not compile"
   local out=${OUT:-}
   DRY_TMP=$(mktemp -d) || die "cannot make a temporary directory"
   trap 'rm -rf "$DRY_TMP"' EXIT
@@ -121,6 +121,14 @@ phase() {
   "$PY" -m litefocus.bench.gpu_plan run --phase "$1" --out "$OUT"
 }
 
+profile_engine() {  # the kernels of one 80 s UNet step and one decode of phase C's engine (60 s at most)
+  local libs
+  libs=$("$PY" -c "from litefocus.bench.gpu_plan import cuda_library_dirs; print(':'.join(cuda_library_dirs()))")
+  echo "== $(date -u +%FT%TZ) profile of the phase C engine (bench/gpu/profile_engine.py)"
+  LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 \
+    timeout -k 10 60 "$PY" bench/gpu/profile_engine.py --engines /tmp/litefocus-engines --seconds 80 --out "$OUT"
+}
+
 [ $# -gt 0 ] || set -- A
 [ "$1" = "--dry-run" ] && { dry_run; exit $?; }
 rc=0
@@ -129,8 +137,14 @@ for step in "$@"; do
   case "$step" in
     stash) stash ;;
     A|A2) [ -n "$installed" ] || { install_base; installed=1; }; phase "$step" || rc=1 ;;
-    B|C) [ -n "$installed" ] || { install_base; installed=1; }
-       if install_ort; then phase "$step" || rc=1; fi ;;
+    B) [ -n "$installed" ] || { install_base; installed=1; }
+       if install_ort; then phase B || rc=1; fi ;;
+    C) [ -n "$installed" ] || { install_base; installed=1; }
+       if install_ort; then
+         phase C || rc=1
+         profile_engine >> "$OUT/C.log" 2>&1 || rc=1
+         tail -20 "$OUT/C.log"
+       fi ;;
     check) [ -n "$installed" ] || { install_base; installed=1; }
        if install_ort; then
          mkdir -p "$OUT"
