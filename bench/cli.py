@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from litefocus.bench.targets import BACKENDS, ENGINE_BACKENDS
+from litefocus.engine.contract import GPU_OPS
+from litefocus.export.gpu_form import parse_gpu_ops
 from litefocus.runtime.sampling import SCHEDULERS
 
 logger = logging.getLogger("litefocus.bench")
@@ -121,10 +123,11 @@ def build_run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu-ops",
         nargs="+",
+        choices=["auto", "none", *GPU_OPS],
         default=["auto"],
         metavar="OP",
-        help="the engines' GPU graph form, as litefocus-export --gpu-ops (auto, none, or pieces of "
-        "nhwc skip_group_norm bias_split_gelu): one run per form measures each piece's effect",
+        help=f"the engines' GPU graph form, as litefocus-export --gpu-ops (auto, none, or pieces of "
+        f"{' '.join(GPU_OPS)}): one run per form measures each piece's effect",
     )
     p.add_argument(
         "--engines",
@@ -227,7 +230,7 @@ def options_from_args(args, command: str, engines: Path):
             engines=engines,
             out=args.out,
             compile_mode=args.compile_mode,
-            gpu_ops=args.gpu_ops[0] if args.gpu_ops[0] in ("auto", "none") else tuple(args.gpu_ops),
+            gpu_ops=parse_gpu_ops(args.gpu_ops),
             litefocus=lf,
             quiet=args.quiet,
             command=command,

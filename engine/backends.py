@@ -211,6 +211,10 @@ def load_session(
         session = open_session(onnx_path, providers, module)
     except Exception as e:  # noqa: BLE001 - ORT raises its own (InvalidProtobuf, Fail, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if cuda_graph:  # the graph loads without capture: what ONNX Runtime refused is the capture
+            raise ValueError(
+                f"{onnx_path}: ONNX Runtime cannot run this graph as a CUDA graph ({first}); run without --cuda-graph"
+            ) from None
         raise ValueError(
             f"{onnx_path}: ONNX Runtime cannot load this graph ({first}); re-export with litefocus-export --force"
         ) from None
@@ -276,7 +280,17 @@ class OnnxRuntimeBackend:
         return SharedBinding(self._graph_binding, self._graph_lock, self.contract)
 
     def close(self) -> None:
+        with self._graph_lock:
+            self._graph_binding = None  # it holds the session, its captured graph and device buffers
         self.session = None
+
+
+def _checked(spec, array: np.ndarray) -> np.ndarray:
+    """``array`` as the contract's input ``spec`` (C-contiguous, its dtype), or a ValueError on shape."""
+    array = np.ascontiguousarray(array, dtype=spec.numpy_dtype)
+    if array.shape != tuple(spec.shape):
+        raise ValueError(f"{spec.name}: shape {array.shape}, the contract says {tuple(spec.shape)}")
+    return array
 
 
 class Binding:
@@ -307,11 +321,7 @@ class Binding:
         self.holder: dict[str, tuple] = {}  # input -> (request token, version) in its buffer (SharedBinding)
 
     def set(self, name: str, array: np.ndarray) -> None:
-        spec = self._specs[name]
-        array = np.ascontiguousarray(array, dtype=spec.numpy_dtype)
-        if array.shape != tuple(spec.shape):
-            raise ValueError(f"{name}: shape {array.shape}, the contract says {tuple(spec.shape)}")
-        self._values[name].update_inplace(array)  # host -> the session's device
+        self._values[name].update_inplace(_checked(self._specs[name], array))  # host -> the session's device
 
     def run(self) -> None:
         self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
@@ -345,10 +355,7 @@ class SharedBinding:
         self._out = None
 
     def set(self, name: str, array: np.ndarray) -> None:
-        spec = self._specs[name]
-        array = np.array(array, dtype=spec.numpy_dtype, copy=True)
-        if array.shape != tuple(spec.shape):
-            raise ValueError(f"{name}: shape {array.shape}, the contract says {tuple(spec.shape)}")
+        array = np.array(_checked(self._specs[name], array), copy=True)  # the caller may reuse its array
         version = self._host[name][0] + 1 if name in self._host else 0
         self._host[name] = (version, array)
 

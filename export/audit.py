@@ -306,6 +306,33 @@ def _audit_layout(graph: onnx.GraphProto, weight_dims: dict, report: AuditReport
     report.layout_transposes = layout_transposes(graph)
 
 
+def _audit_kernel_limits(graph: onnx.GraphProto, known: dict, report: AuditReport) -> None:
+    """What ONNX Runtime's CUDA kernels of the GPU form take (``gpu_form.py``), checked on the graph:
+    the CPU cannot run them, so a graph outside these limits would fail only on a GPU."""
+    from litefocus.export import gpu_form
+
+    constants = {i.name: i.data_type for i in graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t.data_type for n in graph.node if n.op_type == "Constant"})
+    bad = Counter()
+    for node in graph.node:
+        if node.domain != CONTRIB_DOMAIN:
+            continue
+        dims = _static_dims(known[node.input[0]]) if node.input[0] in known else None
+        if node.op_type == "NhwcConv" and node.input[1] not in constants:
+            bad["NhwcConv weight computed in the graph (the kernel takes a constant [M, kH, kW, C])"] += 1
+        elif node.op_type in ("GroupNorm", "SkipGroupNorm"):
+            if any(constants.get(name) != onnx.TensorProto.FLOAT for name in node.input[1:3]):
+                bad[f"{node.op_type} gamma/beta not float32 constants"] += 1
+            groups = _attrs(node)["groups"]
+            if dims is None or not gpu_form.group_norm_kernel_takes(dims[-1], groups):
+                bad[f"{node.op_type} channels per group odd or above {gpu_form.MAX_CHANNELS_PER_GROUP}"] += 1
+        elif node.op_type == "BiasSplitGelu" and (
+            dims is None or dims[-1] not in gpu_form.BIAS_SPLIT_GELU_WIDTHS
+        ):
+            bad[f"BiasSplitGelu input width not in {gpu_form.BIAS_SPLIT_GELU_WIDTHS}"] += 1
+    report.problems += [f"{count} node(s): {what}" for what, count in sorted(bad.items())]
+
+
 def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
@@ -382,6 +409,8 @@ def audit_graph(
             f"{report.direct_3x3_convs} direct 3x3 convolution(s) in a graph of the winograd form"
         )
 
+    if gpu_ops:
+        _audit_kernel_limits(graph, known, report)
     if "nhwc" in gpu_ops:
         _audit_layout(graph, weight_dims, report)
 

@@ -216,9 +216,12 @@ def options_from_args(args: argparse.Namespace):
 
 
 def _gpu_ops(values: list[str]):
-    if len(values) > 1 and ({"auto", "none"} & set(values)):
-        raise UsageError(f"--gpu-ops {' '.join(values)}: auto and none stand alone; or list the pieces")
-    return values[0] if values[0] in ("auto", "none") else tuple(values)
+    from litefocus.export.gpu_form import parse_gpu_ops
+
+    try:
+        return parse_gpu_ops(values)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_device(raw: str) -> str:

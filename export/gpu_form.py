@@ -50,10 +50,12 @@ def to_nchw(x: torch.Tensor) -> torch.Tensor:  # [B, H, W, C] -> [B, C, H, W]
 
 # What ONNX Runtime's CUDA kernels take (checked when the session runs, so the exporter emits a contrib
 # op only where its kernel will run): GroupNorm and SkipGroupNorm need an even number of channels per
-# group, at most 512; BiasSplitGelu only output widths 2560, 5120 and 10240 (group_norm_common_base.cc,
-# bias_split_gelu.cc). AudioLDM2 fits GroupNorm everywhere (4-40 channels per group) and BiasSplitGelu
-# at its 640-channel level and mid block (2560); elsewhere the plain form stays.
+# group, at most 512; BiasSplitGelu only inputs [B, N, 2D] of width 2D = 2560, 5120 or 10240
+# (group_norm_common_base.cc, bias_split_gelu.cc). AudioLDM2 fits GroupNorm everywhere (4-40 channels
+# per group) and BiasSplitGelu at its 640-channel level and mid block (2D = 5120); elsewhere the plain
+# form stays. The audit checks the graph against the same limits.
 BIAS_SPLIT_GELU_WIDTHS = (2560, 5120, 10240)
+MAX_CHANNELS_PER_GROUP = 512
 
 # What ``--gpu-ops auto`` picks for a GPU export: nothing yet. The form is proven on the CPU (the tiny
 # graphs against PyTorch through onnx.reference), not yet run on the CUDA EP, so a default export stays
@@ -63,8 +65,12 @@ AUTO_GPU_OPS: tuple[str, ...] = ()
 
 
 def group_norm_ok(norm: torch.nn.GroupNorm, channels: int | None = None) -> bool:
-    per_group = (channels or norm.num_channels) // norm.num_groups
-    return norm.affine and per_group % 2 == 0 and per_group <= 512
+    return norm.affine and group_norm_kernel_takes(channels or norm.num_channels, norm.num_groups)
+
+
+def group_norm_kernel_takes(channels: int, groups: int) -> bool:
+    per_group = channels // groups
+    return channels % groups == 0 and per_group % 2 == 0 and per_group <= MAX_CHANNELS_PER_GROUP
 
 
 class _Opaque(torch.nn.Module):
@@ -189,7 +195,7 @@ class SplitGeluGEGLU(_Opaque):
 
 
 def bias_split_gelu_ok(geglu: GEGLU) -> bool:
-    return geglu.proj.out_features // 2 in BIAS_SPLIT_GELU_WIDTHS
+    return geglu.proj.out_features in BIAS_SPLIT_GELU_WIDTHS  # the node's input width, 2D
 
 
 def _maybe(cond, wrap):
@@ -213,6 +219,15 @@ def _out_norms(models: tuple[torch.nn.Module, ...]):
     finally:
         for parent, norm, act in found:
             parent.conv_norm_out, parent.conv_act = norm, act
+
+
+def parse_gpu_ops(values: list[str]):
+    """A command line's ``--gpu-ops`` words: "auto", "none" or a tuple of pieces (checked)."""
+    if values and values[0] in ("auto", "none") and len(values) == 1:
+        return values[0]
+    if {"auto", "none"} & set(values):
+        raise ValueError(f"--gpu-ops {' '.join(values)}: auto and none stand alone; or list the pieces")
+    return check_gpu_ops(values)
 
 
 def check_gpu_ops(ops) -> tuple[str, ...]:

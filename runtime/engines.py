@@ -146,6 +146,12 @@ def open_entry(
         if resolve_backend(requested, name, entry, device) == "tensorrt":
             from litefocus.engine.tensorrt_backend import TensorRTBackend
 
+            if cuda_graph:
+                raise ValueError(
+                    f"engine {name} runs on TensorRT here; --cuda-graph is for ONNX Runtime engines "
+                    "(use --backend onnxruntime, or drop --cuda-graph)"
+                )
+
             for m, c in (("unet", unet_c), ("decode", decode_c)):
                 if m not in wanted:
                     opened.append(None)
@@ -179,13 +185,30 @@ def open_entry(
     return OpenEntry(opened[0], decode, unet_c, decode_c)
 
 
+# Packed MultiHeadAttention with a key padding mask (the GPU form's cross-attention) has an unfused
+# CUDA fallback only in newer ONNX Runtime; older builds return NOT_IMPLEMENTED at the first run.
+GPU_FORM_MIN_ONNXRUNTIME = (1, 20)
+
+
 def check_gpu_form(name: str, module: str, record: dict, device: tuple[str, int]) -> None:
-    """A graph of the GPU form (ONNX Runtime CUDA contrib ops) opens only on a CUDA device."""
+    """A graph of the GPU form (ONNX Runtime CUDA contrib ops) opens only on a CUDA device, in an
+    ONNX Runtime whose kernels take it."""
     ops = record.get("gpu_ops") or []
-    if ops and device[0] != "cuda":
+    if not ops:
+        return
+    if device[0] != "cuda":
         raise ValueError(
             f"engine {name}: its {module} graph was exported in the GPU form ({', '.join(ops)}: ONNX Runtime "
             "CUDA contrib ops) and runs only with --device cuda; for the CPU, export with --device cpu"
+        )
+    import onnxruntime as ort
+
+    version = tuple(int(x) for x in ort.__version__.split(".")[:2] if x.isdigit())
+    if version < GPU_FORM_MIN_ONNXRUNTIME:
+        need = ".".join(map(str, GPU_FORM_MIN_ONNXRUNTIME))
+        raise ValueError(
+            f"engine {name}: its {module} graph (GPU form) needs onnxruntime-gpu >= {need}, this is "
+            f"{ort.__version__}; upgrade it (pip install -U onnxruntime-gpu)"
         )
 
 

@@ -31,8 +31,8 @@ from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
 @pytest.fixture
 def tiny_widths(monkeypatch):
-    """BiasSplitGelu's kernel takes widths from 2560 up; let the tiny model's GEGLUs qualify too."""
-    monkeypatch.setattr(gf, "BIAS_SPLIT_GELU_WIDTHS", (16, 32, 48, 64, 128, 2560))
+    """BiasSplitGelu's kernel takes widths from 2560 up; let the tiny model's GEGLUs (64-256) qualify too."""
+    monkeypatch.setattr(gf, "BIAS_SPLIT_GELU_WIDTHS", (64, 128, 256, 5120))
 
 
 def _unet(precision: str = "fp32"):
@@ -76,7 +76,9 @@ def _rel(got, want) -> float:
 
 
 @pytest.mark.parametrize(
-    "ops", [GPU_OPS, ("nhwc",), ("bias_split_gelu",), ("packed_attention",)], ids=["all", "nhwc", "gelu", "packed"]
+    "ops",
+    [GPU_OPS, ("nhwc",), ("bias_split_gelu",), ("packed_attention",)],
+    ids=["all", "nhwc", "gelu", "packed"],
 )
 def test_tiny_unet_gpu_form_matches_pytorch(ops, tiny_widths, tmp_path):
     module, contract = _unet()
@@ -151,11 +153,14 @@ def test_swapped_modules_compute_what_the_originals_do(tiny_widths):
     assert not any(isinstance(m, gf._Opaque) for m in module.modules())
 
 
-def test_audit_knows_the_gpu_form(tiny_widths, tmp_path):
+def test_audit_knows_the_gpu_form(tiny_widths, tmp_path, monkeypatch):
     module, contract = _unet()
     graph = _export(module, contract, tmp_path / "unet.onnx", GPU_OPS)
     with pytest.raises(AuditError, match="com.microsoft.NhwcConv is not supported"):
         audit_graph(graph, (), "fused", "direct", gpu_ops=())
+    monkeypatch.setattr(gf, "BIAS_SPLIT_GELU_WIDTHS", (2560, 5120, 10240))  # the real kernel's widths
+    with pytest.raises(AuditError, match=r"BiasSplitGelu input width not in \(2560, 5120, 10240\)"):
+        audit_graph(graph, (), "fused", "direct", gpu_ops=GPU_OPS)
     plain = _export(module, contract, tmp_path / "plain" / "unet.onnx", ())
     with pytest.raises(AuditError, match="NCHW 2-D Conv node"):
         audit_graph(plain, (), "fused", "direct", gpu_ops=("nhwc",))
@@ -189,6 +194,15 @@ def test_layout_pass_cancels_pairs_through_add_and_concat():
     assert layout_transposes(model.graph) == 0
 
 
+def test_gpu_ops_words_parse_or_name_the_fix():
+    assert gf.parse_gpu_ops(["auto"]) == "auto" and gf.parse_gpu_ops(["none"]) == "none"
+    assert gf.parse_gpu_ops(["packed_attention", "nhwc"]) == ("nhwc", "packed_attention")
+    with pytest.raises(ValueError, match="auto and none stand alone"):
+        gf.parse_gpu_ops(["auto", "nhwc"])
+    with pytest.raises(ValueError, match="unknown GPU graph op"):
+        gf.parse_gpu_ops(["nhwc", "winograd"])
+
+
 def test_gpu_ops_are_resolved_once_with_one_line_errors():
     assert resolve_gpu_ops("auto", "onnx", "cpu", "winograd") == ()
     assert resolve_gpu_ops("auto", "onnx", "cuda:0", "direct") == gf.AUTO_GPU_OPS
@@ -203,3 +217,52 @@ def test_gpu_ops_are_resolved_once_with_one_line_errors():
         resolve_gpu_ops(("skip_group_norm",), "onnx", "cuda", "direct")
     with pytest.raises(ValueError, match="TensorRT parser takes no"):
         resolve_gpu_ops(("nhwc",), "tensorrt", "cuda", "direct")
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory):
+    from litefocus.export import cli as export_cli
+
+    out = tmp_path_factory.mktemp("gpu-form") / "engines"
+    assert (
+        export_cli.main(["--seconds", "5", "--random-weights", "--preset", "tiny", "--out", str(out), "-q"])
+        == 0
+    )
+    return out
+
+
+def test_runtime_refuses_gpu_form_graphs_and_cuda_graphs_on_the_cpu(tiny_engines, tmp_path, capsys):
+    import json
+    import shutil
+
+    from litefocus.runtime import Runtime
+    from litefocus.runtime import cli as generate_cli
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    (name,) = manifest["entries"]
+    manifest["entries"][name]["modules"]["unet"]["gpu_ops"] = ["nhwc", "packed_attention"]
+    (engines / "manifest.json").write_text(json.dumps(manifest))
+    with (
+        Runtime.load(engines) as rt,
+        pytest.raises(ValueError, match=r"GPU form \(nhwc, packed_attention.*--device cuda"),
+    ):
+        rt.open_entry(name)
+    with Runtime.load(engines) as rt:  # the decode graph alone is the CPU form: it opens
+        assert rt.open_entry(name, modules=("decode",)).decode is not None
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Runtime.load(tiny_engines, cuda_graph=True)
+    argv = [
+        "rain",
+        "--seconds",
+        "1",
+        "--engines",
+        str(tiny_engines),
+        "-o",
+        str(tmp_path / "a.wav"),
+        "--cuda-graph",
+    ]
+    assert generate_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CUDA graphs need a CUDA device" in err[0]
