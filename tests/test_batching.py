@@ -196,9 +196,9 @@ def test_a_single_request_opens_only_the_engine_that_holds_it(engines, monkeypat
     opened = []
     real = runtime_module.open_entry
 
-    def recording(engine_dir, name, *args):
+    def recording(engine_dir, name, *args, **kwargs):
         opened.append(name)
-        return real(engine_dir, name, *args)
+        return real(engine_dir, name, *args, **kwargs)
 
     monkeypatch.setattr(runtime_module, "open_entry", recording)
     with Runtime.load(engines, backend="onnxruntime") as rt:

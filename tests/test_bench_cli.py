@@ -79,8 +79,11 @@ def test_quick_run_measures_every_cpu_backend(quick_run):
         assert rows[backend]["compiled"] and rows[backend]["compile_s"] > 0
         assert rows[backend]["max_abs_vs_eager"] < 1e-4
     assert rows["diffusers"]["compile_s"] is None
-    (trt,) = record["skipped"]
-    assert trt["backend"] == "tensorrt" and trt["status"] == "unavailable" and "TensorRT" in trt["reason"]
+    skipped = {s["backend"]: s for s in record["skipped"]}  # what needs a GPU, each with its reason
+    assert set(skipped) == {"onnxruntime-cudagraph", "tensorrt"}
+    assert all(s["status"] == "unavailable" for s in skipped.values())
+    assert "TensorRT" in skipped["tensorrt"]["reason"]
+    assert skipped["onnxruntime-cudagraph"]["reason"] == "CUDA graphs need a CUDA GPU (--device cuda)"
     assert record["versions"]["torch"] and record["git"]["commit"]
     assert record["command"].startswith("litefocus-bench --quick")
 
@@ -295,7 +298,7 @@ def test_unavailable_backends_say_why():
     assert reason and ("TensorRT" in reason)
     with pytest.raises(ValueError, match="unknown backend"):
         unavailable_reason("tvm", torch.device("cpu"))
-    assert set(BACKENDS) == {*CPU_BACKENDS, "tensorrt"}
+    assert set(BACKENDS) == {*CPU_BACKENDS, "onnxruntime-cudagraph", "tensorrt"}
 
 
 def test_quantiles_match_numpy():
