@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from litefocus.export.audit import RANDOM_OPS
+from litefocus.export.op_sets import RANDOM_OPS
 
 logger = logging.getLogger(__name__)
 
