@@ -6,8 +6,10 @@ After ``onnx.checker`` and shape inference the audit fails the export if
   * any op is outside the TensorRT ONNX parser's supported-operator list (a graph of the fused
     form may also hold ONNX Runtime's com.microsoft.MultiHeadAttention: it is not for TensorRT),
   * a graph of the GPU form (``gpu_ops``) holds a contrib op other than the pieces it was exported
-    with, a 2-D Conv left in a channels-last (``nhwc``) graph, or a pair of layout Transposes that
-    ``layout.py`` should have cancelled (the layout Transposes left are counted in the report),
+    with, a contrib node outside its CUDA kernel's limits (``gpu_form.py``; the CPU cannot run
+    them, so nothing else would catch it before a GPU does), a 2-D Conv left in a channels-last
+    (``nhwc``) graph, or a pair of layout Transposes that ``layout.py`` should have cancelled (the
+    layout Transposes left are counted in the report),
   * the attention at the LiteFocus level is not sparse: each attention there (a softmax of the
     plain form, a fused node's query and key lengths) must have key length T_level + S, and none
     may have the full N x N shape.
