@@ -33,6 +33,7 @@ from litefocus.export.op_sets import DATA_DEPENDENT_OPS, RANDOM_OPS, TRT_OPS_SOU
 
 logger = logging.getLogger(__name__)
 
+
 class AuditError(RuntimeError):
     pass
 
@@ -177,19 +178,58 @@ def _op_name(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
+ENCODER_INPUT = "encoder_hidden_states"  # the UNet's conditioning inputs (GPT-2 and T5 states) start so
+# Ops a key goes through between its projection and the attention (views, the LiteFocus gather and
+# concat, scalings): the key's source is found by walking back through them.
+KEY_PATH_OPS = frozenset(
+    {"Reshape", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Expand", "Concat", "Gather", "GatherElements",
+     "Slice", "Mul", "Div", "Identity"}
+)  # fmt: skip
+
+
+def _projected_from_encoder(name: str, producer: dict, weights: set) -> bool:
+    """Whether the key tensor ``name`` is a projection (MatMul/Gemm with a constant weight) of the
+    encoder states, i.e. belongs to a cross-attention."""
+    for _ in range(64):
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
+            source = node.input[0]
+            while source in producer and producer[source].op_type in ("Cast", "Reshape", "Unsqueeze"):
+                source = producer[source].input[0]
+            return source not in producer and source.startswith(ENCODER_INPUT)
+        if node.op_type not in KEY_PATH_OPS:
+            return False
+        name = next((i for i in node.input if i and i not in weights), node.input[0])
+    return False
+
+
 def attention_shapes(graph: onnx.GraphProto, known: dict) -> Counter:
-    """(query_len, key_len) -> count, over plain attention softmaxes and fused attention nodes."""
+    """(query_len, key_len) -> count, over the self-attentions: plain attention softmaxes and fused
+    attention nodes whose keys are not projected from the encoder states (cross-attention, told apart
+    by the key's source, not its length: a T5 length can equal a level's token count)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    weights = {i.name for i in graph.initializer} | {
+        n.output[0] for n in graph.node if n.op_type == "Constant"
+    }
     shapes = Counter()
     for node in graph.node:
         if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") and node.input[0] in known:
             dims = _static_dims(known[node.input[0]])
-            if dims and len(dims) >= 2:
+            scores = producer.get(node.input[0])
+            while scores is not None and scores.op_type in ("Add", "Mul", "Div", "Cast", "Where"):
+                scores = producer.get(scores.input[0])
+            keys = scores.input[1] if scores is not None and scores.op_type == "MatMul" else None
+            if dims and len(dims) >= 2 and not (keys and _projected_from_encoder(keys, producer, weights)):
                 shapes[dims[-2:]] += 1
         elif (node.domain, node.op_type) == (CONTRIB_DOMAIN, FUSED_OP):
             q, k = (known.get(name) for name in (*node.input, "")[:2])
             q_dims, k_dims = (None if vi is None else _static_dims(vi) for vi in (q, k))
             if q_dims and len(q_dims) == 5:  # a packed QKV query [B, L, M, 3, D]: self-attention
                 k_dims = q_dims
+            elif _projected_from_encoder(node.input[1], producer, weights):
+                continue
             if q_dims and k_dims:  # q: [B, Lq, M*D], k: [B, Lk, M*D] or a packed KV [B, Lk, M, 2, D]
                 shapes[q_dims[1], k_dims[1]] += 1
     return shapes

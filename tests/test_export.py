@@ -320,3 +320,13 @@ def test_indices_input_changes_the_output(exported):
     a = session.run(None, feeds)[0]
     feeds["litefocus_indices_f8"] = contract.numpy_inputs(seed=4)["litefocus_indices_f8"]
     assert np.abs(session.run(None, feeds)[0] - a).max() > 1e-5
+
+
+def test_cross_attention_as_long_as_a_level_is_not_taken_for_full_attention(tmp_path):
+    """At 1.28 s the LiteFocus level has 16 x 8 = 128 tokens, as many as the T5 states at the default
+    text length: the audit tells cross- from self-attention by where the keys come from, not by shape."""
+    out = tmp_path / "engines"
+    assert cli.main(["--seconds", "1", "--random-weights", "--preset", "tiny", "--out", str(out), "-q"]) == 0
+    (entry,) = mf.read_manifest(out)["entries"].values()
+    shapes = entry["modules"]["unet"]["audit"]["attention_shapes"]
+    assert shapes == {"8x8": 24, "16x28": 20, "32x32": 20}  # self-attention only: no 128 x 128, no 128 x 8
