@@ -24,7 +24,7 @@ import torch
 
 from litefocus.bench.targets import BACKENDS, ENGINE_BACKENDS
 from litefocus.engine.contract import GPU_OPS
-from litefocus.export.gpu_form import parse_gpu_ops
+from litefocus.export.gpu_form import add_gpu_ops_argument, parse_gpu_ops
 from litefocus.runtime.sampling import SCHEDULERS
 
 logger = logging.getLogger("litefocus.bench")
@@ -120,13 +120,9 @@ def build_run_parser() -> argparse.ArgumentParser:
         choices=COMPILE_MODES,
         help="torch.compile mode of the *-compile backends (default: default)",
     )
-    p.add_argument(
-        "--gpu-ops",
-        nargs="+",
-        choices=["auto", "none", *GPU_OPS],
-        default=["auto"],
-        metavar="OP",
-        help=f"the engines' GPU graph form, as litefocus-export --gpu-ops (auto, none, or pieces of "
+    add_gpu_ops_argument(
+        p,
+        f"the engines' GPU graph form, as litefocus-export --gpu-ops (auto, none, or pieces of "
         f"{' '.join(GPU_OPS)}): one run per form measures each piece's effect",
     )
     p.add_argument(

@@ -139,7 +139,6 @@ class BenchOptions:
         d.update(seconds=list(self.seconds), backends=list(self.backends), engines=str(self.engines))
         d.update(generate_at=None if self.generate_at is None else list(self.generate_at))
         d.update(out=str(self.out), litefocus=self.litefocus.to_dict())
-        d.update(gpu_ops=self.gpu_ops if isinstance(self.gpu_ops, str) else list(self.gpu_ops))
         return d
 
     @classmethod
@@ -151,7 +150,7 @@ class BenchOptions:
             **{k: tuple(d[k]) for k in ("seconds", "backends")},
             **{k: Path(d[k]) for k in ("engines", "out")},
             "generate_at": None if at is None else tuple(at),
-            "gpu_ops": d.get("gpu_ops", "auto") if isinstance(d.get("gpu_ops", "auto"), str) else tuple(d["gpu_ops"]),
+            "gpu_ops": g if isinstance(g := d.get("gpu_ops", "auto"), str) else tuple(g),  # JSON: a list
             "litefocus": LiteFocusConfig.from_dict(d["litefocus"]),
             "quiet": quiet,
         }

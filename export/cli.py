@@ -18,7 +18,6 @@ import torch
 
 from litefocus.buckets import MAX_SECONDS, check_seconds
 from litefocus.config import LiteFocusConfig
-from litefocus.engine.contract import GPU_OPS
 from litefocus.models import PRESETS
 
 MAX_BATCH = 64  # UNet rows per call (32 guided requests): far past what one step holds at audio lengths
@@ -31,6 +30,8 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from litefocus.export.gpu_form import add_gpu_ops_argument
+
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(
         prog="litefocus-export",
@@ -83,13 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         "1.3-2.7x faster per conv on ONNX Runtime's CPU EP (error ~2e-5 of the output RMS per conv); "
         "direct: one Conv node each. auto: winograd for fp32 CPU exports, else direct (GPU, TensorRT, fp16)",
     )
-    p.add_argument(
-        "--gpu-ops",
-        nargs="+",
-        choices=["auto", "none", *GPU_OPS],
-        default=["auto"],
-        metavar="OP",
-        help="the GPU graph form's pieces (ONNX Runtime CUDA contrib ops; such graphs run on the CUDA EP "
+    add_gpu_ops_argument(
+        p,
+        "the GPU graph form's pieces (ONNX Runtime CUDA contrib ops; such graphs run on the CUDA EP "
         "only): nhwc (NhwcConv + GroupNorm with SiLU fused, channels-last maps end to end), "
         "skip_group_norm (needs nhwc), bias_split_gelu, packed_attention (one projection per attention, "
         "cross-attention fused). auto (default): none for now, until the form is "
@@ -288,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             attention=resolve_attention(opts.attention, backend),
             conv=resolve_conv(opts.conv, backend, opts.device, opts.precision),
         )
-        opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv, opts.attention))
+        opts = dataclasses.replace(
+            opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv, opts.attention)
+        )
         manifest, rows = export_engines(opts)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)

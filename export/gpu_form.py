@@ -221,6 +221,13 @@ def _out_norms(models: tuple[torch.nn.Module, ...]):
             parent.conv_norm_out, parent.conv_act = norm, act
 
 
+def add_gpu_ops_argument(parser, help: str) -> None:
+    """``--gpu-ops`` on a command line (litefocus-export, litefocus-bench); ``parse_gpu_ops`` reads it."""
+    parser.add_argument(
+        "--gpu-ops", nargs="+", choices=["auto", "none", *GPU_OPS], default=["auto"], metavar="OP", help=help
+    )
+
+
 def parse_gpu_ops(values: list[str]):
     """A command line's ``--gpu-ops`` words: "auto", "none" or a tuple of pieces (checked)."""
     if values and values[0] in ("auto", "none") and len(values) == 1:
