@@ -261,12 +261,12 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from litefocus.export.audit import AuditError
+    from litefocus.export.gpu_form import resolve_gpu_ops
     from litefocus.export.pipeline import (
         export_engines,
         resolve_attention,
         resolve_backend,
         resolve_conv,
-        resolve_gpu_ops,
     )
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.export.validate import ValidationError

@@ -44,8 +44,8 @@ def emit(g, op: str, inputs: list, shapes: list[tuple[int, ...]], dtype: int, **
     outs = g.op(f"{CONTRIB_DOMAIN}::{op}", *inputs, outputs=len(shapes), **attrs)
     outs = outs if isinstance(outs, (list, tuple)) else [outs]
     typed = []
-    for out, shape, ref in zip(outs, shapes, inputs, strict=False):
-        out.setType(ref.type().with_sizes(list(shape)))  # for the exporter's own inference
+    for out, shape in zip(outs, shapes, strict=True):
+        out.setType(inputs[0].type().with_sizes(list(shape)))  # the data input's dtype, for the exporter
         cast = g.op("Cast", out, to_i=dtype)
         typed.append(g.op("Reshape", cast, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64))))
     return typed[0] if len(typed) == 1 else tuple(typed)
@@ -143,8 +143,9 @@ class _NhwcConv(torch.autograd.Function):
         )  # fmt: skip
 
 
-def nhwc_conv(x, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """``conv`` on a channels-last map x: [B, H, W, C] as one NhwcConv node (weight [M, kH, kW, C/g])."""
+def nhwc_conv(x, conv: torch.nn.Conv2d, bias: bool = True) -> torch.Tensor:
+    """``conv`` on a channels-last map x: [B, H, W, C] as one NhwcConv node (weight [M, kH, kW, C/g]);
+    ``bias=False`` leaves the conv's bias out (a later node adds it)."""
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError(f"nhwc_conv: only explicit zero padding is exported, got {conv.padding!r}")
     weight = conv.weight.permute(0, 2, 3, 1)  # folded into one initializer by the export
@@ -155,7 +156,15 @@ def nhwc_conv(x, conv: torch.nn.Conv2d) -> torch.Tensor:
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     shape = ((m, kh, kw), (b, ho, wo, m))
     return _NhwcConv.apply(
-        x, weight, conv.bias, stride, padding, dilation, int(conv.groups), shape, onnx_dtype(x)
+        x,
+        weight,
+        conv.bias if bias else None,
+        stride,
+        padding,
+        dilation,
+        int(conv.groups),
+        shape,
+        onnx_dtype(x),
     )
 
 

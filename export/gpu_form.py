@@ -139,7 +139,7 @@ class FusedResnet(_Opaque):
         if temb is not None and blk.time_emb_proj is not None:
             t = blk.time_emb_proj(temb if blk.skip_time_act else blk.nonlinearity(temb))[:, None, None, :]
         if t is not None and self.skip_norm and blk.conv1.bias is not None:
-            h = nhwc_conv(h, _without_bias(blk.conv1))  # the bias joins the SkipGroupNorm
+            h = nhwc_conv(h, blk.conv1, bias=False)  # the bias joins the SkipGroupNorm
             h = skip_group_norm_nhwc(h, t, blk.conv1.bias, blk.norm2, silu=True)
         else:
             h = nhwc_conv(h, blk.conv1)
@@ -148,14 +148,6 @@ class FusedResnet(_Opaque):
         if blk.conv_shortcut is not None:
             shortcut = nhwc_conv(shortcut, blk.conv_shortcut)
         return to_nchw((shortcut + h) / blk.output_scale_factor)
-
-
-def _without_bias(conv: torch.nn.Conv2d) -> torch.nn.Conv2d:
-    """A view of ``conv`` with no bias (same weight tensor; nothing is copied)."""
-    bare = torch.nn.Conv2d.__new__(torch.nn.Conv2d)
-    bare.__dict__.update(conv.__dict__)
-    bare._parameters = {"weight": conv.weight, "bias": None}
-    return bare
 
 
 class NhwcUpsample(_Opaque):
@@ -248,6 +240,34 @@ def check_gpu_ops(ops) -> tuple[str, ...]:
             "gpu op skip_group_norm needs nhwc (SkipGroupNorm takes channels-last maps); add nhwc"
         )
     return tuple(o for o in GPU_OPS if o in ops)
+
+
+def resolve_gpu_ops(
+    gpu_ops, backend: str, device: str, conv: str, attention: str = "fused"
+) -> tuple[str, ...]:
+    """auto -> ``gpu_form.AUTO_GPU_OPS`` for ONNX Runtime engines exported on a GPU (none until the
+    form is measured there), none otherwise. The form runs on the CUDA EP only, and the export
+    validates every graph on it: asking for a piece elsewhere is an error naming the fix."""
+    on_gpu = device.startswith("cuda")
+    if gpu_ops == "auto":
+        return AUTO_GPU_OPS if on_gpu and backend != "tensorrt" and conv != "winograd" else ()
+    ops = check_gpu_ops(() if gpu_ops in ("none", None) else gpu_ops)
+    if ops and backend == "tensorrt":
+        raise ValueError(
+            "--gpu-ops: the TensorRT parser takes no ONNX Runtime contrib ops; use --gpu-ops none"
+        )
+    if ops and not on_gpu:
+        raise ValueError(
+            f"--gpu-ops {' '.join(ops)}: these contrib ops run only on ONNX Runtime's CUDA EP, where the "
+            "export validates them; export with --device cuda, or use --gpu-ops none"
+        )
+    if "packed_attention" in ops and attention == "plain":
+        raise ValueError(
+            "--gpu-ops packed_attention packs the fused attention node; use --attention fused (or auto)"
+        )
+    if "nhwc" in ops and conv == "winograd":
+        raise ValueError("--gpu-ops nhwc writes every convolution as NhwcConv; use --conv direct (or auto)")
+    return ops
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from litefocus.engine.contract import ATTENTION_FORMS, CONV_FORMS, DecodeContrac
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
-from litefocus.export.gpu_form import gpu_form
+from litefocus.export.gpu_form import gpu_form, resolve_gpu_ops
 from litefocus.export.group_norm import precise_group_norm
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
 from litefocus.export.validate import validate
@@ -108,30 +108,6 @@ def resolve_conv(conv: str, backend: str, device: str, precision: str) -> str:
         cpu_fp32 = device.startswith("cpu") and precision == "fp32"
         return "winograd" if backend != "tensorrt" and cpu_fp32 else "direct"
     return conv
-
-
-def resolve_gpu_ops(gpu_ops, backend: str, device: str, conv: str, attention: str = "fused") -> tuple[str, ...]:
-    """auto -> ``gpu_form.AUTO_GPU_OPS`` for ONNX Runtime engines exported on a GPU (none until the
-    form is measured there), none otherwise. The form runs on the CUDA EP only, and the export
-    validates every graph on it: asking for a piece elsewhere is an error naming the fix."""
-    from litefocus.export.gpu_form import AUTO_GPU_OPS, check_gpu_ops
-
-    on_gpu = device.startswith("cuda")
-    if gpu_ops == "auto":
-        return AUTO_GPU_OPS if on_gpu and backend != "tensorrt" and conv != "winograd" else ()
-    ops = check_gpu_ops(() if gpu_ops in ("none", None) else gpu_ops)
-    if ops and backend == "tensorrt":
-        raise ValueError("--gpu-ops: the TensorRT parser takes no ONNX Runtime contrib ops; use --gpu-ops none")
-    if ops and not on_gpu:
-        raise ValueError(
-            f"--gpu-ops {' '.join(ops)}: these contrib ops run only on ONNX Runtime's CUDA EP, where the "
-            "export validates them; export with --device cuda, or use --gpu-ops none"
-        )
-    if "packed_attention" in ops and attention == "plain":
-        raise ValueError("--gpu-ops packed_attention packs the fused attention node; use --attention fused (or auto)")
-    if "nhwc" in ops and conv == "winograd":
-        raise ValueError("--gpu-ops nhwc writes every convolution as NhwcConv; use --conv direct (or auto)")
-    return ops
 
 
 class Components:
@@ -451,7 +427,9 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         attention=resolve_attention(opts.attention, opts.backend),
         conv=resolve_conv(opts.conv, opts.backend, opts.device, opts.precision),
     )
-    opts = dataclasses.replace(opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv, opts.attention))
+    opts = dataclasses.replace(
+        opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv, opts.attention)
+    )
     out = Path(opts.out)
     _prepare_out(out)
     components = Components(opts)

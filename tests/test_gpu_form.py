@@ -21,10 +21,10 @@ from litefocus.export.audit import AuditError, audit_graph
 from litefocus.export.decode import DecodeModule
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
+from litefocus.export.gpu_form import resolve_gpu_ops
 from litefocus.export.group_norm import precise_group_norm
 from litefocus.export.layout import cancel_transposes, layout_transposes, transpose_pairs
 from litefocus.export.onnx_export import UNetExportModule, export_onnx, unet_contract_for
-from litefocus.export.pipeline import resolve_gpu_ops
 from litefocus.export.reference_ops import reference_session
 from tiny_models import make_tiny_unet, make_tiny_vae, make_tiny_vocoder
 
