@@ -223,8 +223,24 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def decode_waveform(decode, latents: np.ndarray, seconds: float) -> np.ndarray:
-    """Final latents [1, 8, T, 16] -> float32 waveform of exactly ``int(seconds * 16000)`` samples."""
+    """Final latents [1, 8, T, 16] -> float32 waveform of exactly ``int(seconds * 16000)`` samples.
+    A RuntimeError, never audio, when the latents or the waveform hold NaN or infinity."""
     from litefocus.engine.contract import SAMPLE_RATE
 
+    check_finite("latents", latents)
     wave = decode({"latent": latents})[0]
-    return np.ascontiguousarray(wave[: int(seconds * SAMPLE_RATE)], dtype=np.float32)
+    wave = np.ascontiguousarray(wave[: int(seconds * SAMPLE_RATE)], dtype=np.float32)
+    check_finite("waveform", wave)
+    return wave
+
+
+def check_finite(what: str, x: np.ndarray) -> None:
+    """A one-line RuntimeError when a generation's ``what`` holds NaN or infinity (an overflow in
+    the engines): such a result is an error, never returned or written as audio."""
+    bad = x.size - int(np.isfinite(x).sum())
+    if bad:
+        raise RuntimeError(
+            f"the generation's {what} hold {bad} NaN/infinite values of {x.size} (a numeric overflow in "
+            "the engines); nothing was returned: retry with another seed or a lower guidance_scale, or "
+            "re-export the engines at fp32"
+        )

@@ -6,18 +6,45 @@ litefocus-generate "rain on a tin roof" --seconds 80 --engines engines -o rain.w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from litefocus.engine.backends import RUNTIME_BACKENDS
+from litefocus.engine.fileio import writable_target
+from litefocus.runtime.inputs import check_prompt
 from litefocus.runtime.sampling import SCHEDULERS
+
+PROG = "litefocus-generate"
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports a killed command
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks and atomic_path's cleanup run."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM raises Terminated (only the main thread can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="litefocus-generate", description="Generate audio from a litefocus engine directory."
-    )
+    p = argparse.ArgumentParser(prog=PROG, description="Generate audio from a litefocus engine directory.")
     p.add_argument("prompt", help="text prompt")
     p.add_argument(
         "--seconds", type=float, required=True, help="audio length; the smallest bucket that holds it is used"
@@ -48,23 +75,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_output_path(path: Path) -> None:
-    """Fail before the (long) generation when the WAV cannot be written there."""
+    """Fail before the (long) generation when the WAV cannot be written there: a new path in an
+    existing, writable directory, or a writable regular file (never a FIFO, device or directory)."""
     import tempfile
 
     if path.is_dir():
         raise ValueError(f"-o {path} is a directory; pass a file name such as {path / 'out.wav'}")
-    if not path.parent.is_dir():
+    try:
+        target, _ = writable_target(path)
+    except ValueError as e:
+        raise ValueError(f"-o {e}") from None
+    if not target.parent.is_dir():
         raise ValueError(
-            f"-o {path}: directory {path.parent} does not exist; create it or choose another path"
+            f"-o {path}: directory {target.parent} does not exist; create it or choose another path"
         )
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
+        with tempfile.TemporaryFile(dir=target.parent):
             pass
     except OSError as e:
-        raise ValueError(f"-o {path}: cannot write in {path.parent} ({e.strerror})") from None
+        raise ValueError(f"-o {path}: cannot write in {target.parent} ({e.strerror})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 2 on bad input, 1 on a failed run, 130 on Ctrl-C, 143 on SIGTERM: always
+    one line on stderr, never a traceback; the WAV is written whole or not at all."""
+    try:
+        with _sigterm_raises():
+            return _main(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return EXIT_SIGINT
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return EXIT_SIGTERM
+
+
+def _main(argv: list[str] | None) -> int:
     from litefocus.engine.tensorrt_backend import TensorRTNotInstalled
     from litefocus.runtime import GenerateOptions, Runtime, write_wav
 
@@ -73,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
+        check_prompt(args.prompt)
+        if args.negative_prompt is not None:
+            check_prompt(args.negative_prompt, "--negative-prompt")
         check_output_path(args.output)
         if args.seed is not None and not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed {args.seed} is out of range; use an integer in [0, 2**63)")
@@ -89,20 +138,25 @@ def main(argv: list[str] | None = None) -> int:
             audio = rt.generate(args.prompt, args.seconds, options, progress=not args.quiet)
         write_wav(args.output, audio, float32=args.float)
     except ValueError as e:
-        print(f"litefocus-generate: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except TensorRTNotInstalled as e:
-        print(f"litefocus-generate: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except (RuntimeError, OSError) as e:
-        print(f"litefocus-generate: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PROG}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     times = ", ".join(f"{k} {v:.2f} s" for k, v in audio.timings.items())
     print(
-        f"wrote {args.output}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket "
+        f"wrote {_shown(args.output)}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket "
         f"{audio.bucket}, seed {audio.seed} ({times})"
     )
     return 0
+
+
+def _shown(path: Path) -> str:
+    """A path as printable text: undecodable bytes of the file name (surrogates) as escapes."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 if __name__ == "__main__":

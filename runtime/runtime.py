@@ -9,6 +9,7 @@ Torch-free: ONNX Runtime (or TensorRT) graphs, numpy samplers and the ``tokenize
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,15 +27,25 @@ from litefocus.engine.contract import MAX_SECONDS, SAMPLE_RATE, Bucket, LiteFocu
 from litefocus.runtime.audio import Audio
 from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot
 from litefocus.runtime.engines import MODULES, OpenEntry, open_entry
+from litefocus.runtime.inputs import check_prompt
 from litefocus.runtime.noise_schedule import NoiseSchedule
 from litefocus.runtime.sampling import Conditioning, GenerateOptions
 
 logger = logging.getLogger(__name__)
 
+# The shortest audio a request may ask for: one sample at 16 kHz (shorter gives no audio at all).
+MIN_SECONDS = 1 / SAMPLE_RATE
+CLOSED = "the runtime was closed; load it again with Runtime.load"
+
 
 class Runtime:
     def __init__(
-        self, engine_dir: Path, manifest: dict, backend: str, device: tuple[str, int], cuda_graph: bool = False
+        self,
+        engine_dir: Path,
+        manifest: dict,
+        backend: str,
+        device: tuple[str, int],
+        cuda_graph: bool = False,
     ):
         self.engine_dir = engine_dir
         self.manifest = manifest
@@ -54,11 +65,19 @@ class Runtime:
         self._backends: dict[tuple[str, str], object] = {}  # (entry, module) -> opened backend
         self._contracts: dict[str, tuple] = {}  # entry -> (unet contract, decode contract)
         self._text = None
+        self._closed = False
+        self._active = 0  # generations running now: close() waits for them
+        self._idle = threading.Condition()
+        self._holds = threading.local()  # .depth: this thread's nested holds (a running generation)
 
     # ---- loading -----------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, engine_dir: str | Path, backend: str = "auto", device: str | None = None, cuda_graph: bool = False
+        cls,
+        engine_dir: str | Path,
+        backend: str = "auto",
+        device: str | None = None,
+        cuda_graph: bool = False,
     ) -> Runtime:
         """Read and check the manifest; engines open lazily, per bucket, on first use.
         ``device``: "cpu" (default) or "cuda[:N]" (ONNX Runtime's CUDA EP, or TensorRT).
@@ -85,11 +104,41 @@ class Runtime:
         return cls(engine_dir, manifest, backend, dev, cuda_graph)
 
     def close(self) -> None:
+        """Refuse new work (RuntimeError), wait for the generations running in other threads to
+        finish, then release the engines. Idempotent; never call it from inside a generation."""
+        if getattr(self._holds, "depth", 0):
+            raise RuntimeError("close() inside a generation of this runtime would wait for itself")
+        with self._idle:
+            self._closed = True
+            self._idle.wait_for(lambda: self._active == 0)
         with self._lock:
             for backend in self._backends.values():
                 backend.close()
             self._backends.clear()
             self._text = None
+
+    @contextlib.contextmanager
+    def _in_use(self):
+        """A generation's hold on the engines: close() waits until every hold is released. A
+        generation that started before close() finishes (its nested calls are not refused)."""
+        depth = getattr(self._holds, "depth", 0)
+        with self._idle:
+            if self._closed and depth == 0:
+                raise RuntimeError(CLOSED)
+            self._active += 1
+        self._holds.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._holds.depth = depth
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _check_open(self) -> None:
+        """New work after close() is refused; a generation already running goes on."""
+        if self._closed and not getattr(self._holds, "depth", 0):
+            raise RuntimeError(CLOSED)
 
     def __enter__(self) -> Runtime:
         return self
@@ -103,7 +152,15 @@ class Runtime:
         sizes, the smallest that holds a guided request; ``batch_group`` has them all)."""
         if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not 0 < seconds < math.inf:
             raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
-        seconds = float(seconds)
+        try:
+            seconds = float(seconds)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if seconds < MIN_SECONDS:
+            raise ValueError(
+                f"seconds = {seconds:g} gives no audio sample at {SAMPLE_RATE} Hz; ask for at least "
+                f"{MIN_SECONDS:g} s (one sample)"
+            )
         exact = {
             name: Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds
             for name, e in self.entries.items()
@@ -174,6 +231,7 @@ class Runtime:
         if not set(modules) or set(modules) - set(MODULES):
             raise ValueError(f"modules must name some of {', '.join(MODULES)}, got {modules!r}")
         with self._lock:
+            self._check_open()
             missing = tuple(m for m in MODULES if m in modules and (name, m) not in self._backends)
             if missing:
                 opened = open_entry(
@@ -197,6 +255,7 @@ class Runtime:
     def text_encoder(self):
         """The engine directory's text-conditioning engine and tokenizers (opened once)."""
         with self._lock:
+            self._check_open()
             if self._text is None:
                 from litefocus.runtime.text import TextEncoder
 
@@ -217,12 +276,14 @@ class Runtime:
         ``overrides``: GenerateOptions fields (steps=..., seed=...) on top of ``options``."""
         options = _options(options, overrides)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r:.80}")
+        check_prompt(prompt)
         self.bucket_for(seconds)  # fail fast, before the text encoders run
-        t0 = time.perf_counter()
-        cond = self.text_encoder()(prompt, options.negative_prompt, guided=options.guided)
-        t_cond = time.perf_counter() - t0
-        audio = self.generate_from_conditioning(cond, seconds, options, progress=progress)
+        with self._in_use():
+            t0 = time.perf_counter()
+            cond = self.text_encoder()(prompt, options.negative_prompt, guided=options.guided)
+            t_cond = time.perf_counter() - t0
+            audio = self.generate_from_conditioning(cond, seconds, options, progress=progress)
         audio.timings["conditioning"] = t_cond
         return audio
 
@@ -240,12 +301,15 @@ class Runtime:
         if not isinstance(cond, Conditioning):
             raise ValueError(f"cond must be a litefocus.runtime.Conditioning, got {type(cond).__name__}")
         name = self.bucket_for(seconds)
-        t0 = time.perf_counter()
-        entry = self.open_entry(
-            self.entry_for(name, 2 if options.guided else 1)
-        )  # opened once: the first request pays
-        opened = time.perf_counter() - t0
-        audio = generate_audio(entry, cond, seconds, options, self.schedule, progress=progress, bucket=name)
+        with self._in_use():
+            t0 = time.perf_counter()
+            entry = self.open_entry(
+                self.entry_for(name, 2 if options.guided else 1)
+            )  # opened once: the first request pays
+            opened = time.perf_counter() - t0
+            audio = generate_audio(
+                entry, cond, seconds, options, self.schedule, progress=progress, bucket=name
+            )
         audio.timings["setup"] += opened
         return audio
 

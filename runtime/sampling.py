@@ -19,10 +19,19 @@ import numpy as np
 from litefocus.engine.contract import index_input_name
 from litefocus.runtime.ddim import DDIM
 from litefocus.runtime.dpm_solver import DPMSolverPP2M
+from litefocus.runtime.inputs import check_prompt
 from litefocus.runtime.noise_schedule import NoiseSchedule
 
 SCHEDULERS = ("ddim", "dpm++")
 SEED_LIMIT = 2**63
+# Guidance scales in use are 1-20 (AudioLDM2's default is 3.5); far larger ones only amplify the
+# difference of two noise predictions into overflow (1e308 gives NaN audio).
+MAX_GUIDANCE = 100.0
+# Text-encoder states are O(1)-O(100) (layer-normed GPT-2 / T5 outputs); values past this bound come
+# from a bug or an attack and overflow float32 inside attention (3e38 gives NaN audio).
+MAX_CONDITIONING = 1e4
+# The initial noise is a standard normal draw (|x| < ~6); this bound leaves room for any scaling.
+MAX_LATENT = 1e4
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,10 @@ class GenerateOptions:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 1:
             raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance), got {g!r}")
+        if g > MAX_GUIDANCE:
+            raise ValueError(
+                f"guidance_scale {g:g} is above the maximum {MAX_GUIDANCE:g}; use 1-20 (the default is 3.5)"
+            )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         seed = self.seed
@@ -53,6 +66,8 @@ class GenerateOptions:
             raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative_prompt must be a string or None, got {self.negative_prompt!r}")
+        if self.negative_prompt is not None:
+            check_prompt(self.negative_prompt, "negative_prompt")
         if self.negative_prompt is not None and not g > 1:
             raise ValueError(
                 f"negative_prompt {self.negative_prompt[:40]!r} has no effect at guidance_scale {g}: "
@@ -64,8 +79,7 @@ class GenerateOptions:
                 raise ValueError(
                     f"latents must be a float array [B, 8, T, 16], got {x.dtype} {list(x.shape)}"
                 )
-            if not np.isfinite(x).all():
-                raise ValueError("latents contain NaN or infinity")
+            _check_bounded("latents", x, MAX_LATENT)
             object.__setattr__(self, "latents", x.astype(np.float32))
         object.__setattr__(self, "steps", int(s))
         object.__setattr__(self, "guidance_scale", float(g))
@@ -97,8 +111,11 @@ class Conditioning:
             raise ValueError(
                 f"conditioning batch/length mismatch: {list(gpt2.shape)}, {list(t5.shape)}, {list(mask.shape)}"
             )
-        if not (np.isfinite(gpt2).all() and np.isfinite(t5).all()):
-            raise ValueError("conditioning holds NaN or infinity")
+        for name, x in (("gpt2", gpt2), ("t5", t5), ("t5_mask", mask)):
+            if x.dtype.kind not in "biuf":
+                raise ValueError(f"conditioning {name} must be a real number array, got dtype {x.dtype}")
+        _check_bounded("conditioning values (gpt2)", gpt2, MAX_CONDITIONING)
+        _check_bounded("conditioning values (t5)", t5, MAX_CONDITIONING)
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("t5_mask must hold only 0 (padding) and 1 (token)")
         object.__setattr__(self, "gpt2", gpt2.astype(np.float32, copy=False))
@@ -122,6 +139,19 @@ class Conditioning:
 
     def repeated(self, times: int) -> Conditioning:
         return Conditioning(*(np.concatenate([x] * times) for x in (self.gpt2, self.t5, self.t5_mask)))
+
+
+def _check_bounded(name: str, x: np.ndarray, bound: float) -> None:
+    """A one-line ValueError unless every value of ``x`` is finite and within +-``bound``."""
+    if x.size == 0:
+        return
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contain NaN or infinity; pass finite values")
+    peak = float(np.abs(x).max())
+    if peak > bound:
+        raise ValueError(
+            f"{name} contain a value of magnitude {peak:.3g}, above the bound {bound:g}; check their source"
+        )
 
 
 def make_sampler(name: str, schedule: NoiseSchedule, steps: int):
