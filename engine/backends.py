@@ -137,58 +137,53 @@ class TorchBackend:
         self.module = None
 
 
-def _graph_tensors(graph):
-    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _graph_tensors(sub)
-
-
-def check_external_data(onnx_path: Path, data_path: Path | None) -> None:
-    """Refuse a graph whose weights live anywhere but in ``data_path`` (its own, verified file), or
-    past that file's end; before ONNX Runtime opens anything. ValueError names the tensor and the fix."""
+def check_external_data(onnx_path: Path, data_path: Path | None, graph: bytes | None = None) -> None:
+    """Refuse a graph with any tensor (initializers, sparse initializers, node attributes, subgraphs,
+    functions: ``onnx_refs.model_tensors``) whose data lives anywhere but in ``data_path`` (its own,
+    verified file), or past that file's end; before ONNX Runtime opens anything. ``graph``: the graph
+    file's bytes as hashed (read here otherwise). ValueError names the tensor and the fix."""
     import onnx
+
+    from litefocus.engine.onnx_refs import check_external_refs
 
     fix = "re-export with litefocus-export --force"
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        model = (
+            onnx.load_model_from_string(graph)
+            if graph is not None
+            else onnx.load(str(onnx_path), load_external_data=False)
+        )
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: a corrupt file
         raise ValueError(f"{onnx_path} is not a readable ONNX graph ({type(e).__name__}); {fix}") from None
     size = data_path.stat().st_size if data_path is not None else 0
-    for t in _graph_tensors(model.graph):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        location = info.get("location", "")
-        if data_path is None or location != data_path.name:
-            raise ValueError(
-                f"{onnx_path.name}: tensor {t.name[:80]!r} reads its weights from {location[:80]!r}, not from "
-                f"the entry's own {data_path.name if data_path else 'weights file'}; {fix}"
-            )
-        try:
-            offset, length = int(info.get("offset", 0)), int(info["length"])
-        except (KeyError, ValueError):
-            raise ValueError(
-                f"{onnx_path.name}: tensor {t.name[:80]!r} has no valid external length; {fix}"
-            ) from None
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ValueError(
-                f"{onnx_path.name}: tensor {t.name[:80]!r} needs bytes {offset}..{offset + length} of "
-                f"{data_path.name}, which has {size} (truncated?); {fix}"
-            )
+    check_external_refs(model, onnx_path.name, data_path.name if data_path is not None else None, size)
+
+
+def run_session(module: str, run, *args):
+    """``run(*args)`` (a session's ``run`` or ``run_with_iobinding``) with every ONNX Runtime failure
+    (its pybind errors: InvalidArgument, Fail, RuntimeException...; std::bad_alloc as MemoryError)
+    turned into one RuntimeError line naming ``module`` and the cause."""
+    try:
+        return run(*args)
+    except Exception as e:  # noqa: BLE001 - ORT's exception types are not RuntimeError subclasses
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(
+            f"the {module} graph failed in ONNX Runtime ({type(e).__name__}: {first or 'no message'})"
+        ) from None
 
 
 def load_session(
-    onnx_path: Path, contract, device: str = "cpu", data_path: Path | None = None, cuda_graph: bool = False
+    onnx_path: Path,
+    contract,
+    device: str = "cpu",
+    data_path: Path | None = None,
+    cuda_graph: bool = False,
+    graph: bytes | None = None,
 ):
     """An ONNX Runtime session of an engine graph on ``device``, after its external-data references
     are checked against ``data_path`` (an engine directory is untrusted); its inputs must be the
-    contract's. ``cuda_graph``: captured and replayed by the CUDA EP (ONNX Runtime refuses a graph
+    contract's. ``graph``: the graph file's bytes as hashed (the external-data check parses those).
+    ``cuda_graph``: captured and replayed by the CUDA EP (ONNX Runtime refuses a graph
     with nodes outside the CUDA EP or Memcpy nodes; that refusal is the ValueError's line). Every
     failure is one ValueError line naming the fix."""
     kind, index = parse_device(device)
@@ -205,7 +200,7 @@ def load_session(
             "place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu), or use --device cpu"
         )
     if data_path is not None:
-        check_external_data(onnx_path, Path(data_path))
+        check_external_data(onnx_path, Path(data_path), graph)
     module = contract.module  # the contract's, outside the try: its absence is a bug, not a bad graph
     try:
         session = open_session(onnx_path, providers, module)
@@ -244,10 +239,13 @@ class OnnxRuntimeBackend:
         device: str = "cpu",
         data_path: Path | None = None,
         cuda_graph: bool = False,
+        graph: bytes | None = None,
     ):
         self.contract = contract
         self.device = parse_device(device)
-        self.session = load_session(onnx_path, contract, device, data_path, cuda_graph=cuda_graph)
+        self.session = load_session(
+            onnx_path, contract, device, data_path, cuda_graph=cuda_graph, graph=graph
+        )
         self.cuda_graph = cuda_graph
         self._graph_binding = None  # with CUDA graphs: the one binding every call replays through
         self._graph_lock = threading.Lock()
@@ -260,7 +258,7 @@ class OnnxRuntimeBackend:
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }
-        (out,) = self.session.run(self.contract.output_names, feeds)
+        (out,) = run_session(self.contract.module, self.session.run, self.contract.output_names, feeds)
         return out.astype(np.float32, copy=False)
 
     @property
@@ -324,7 +322,8 @@ class Binding:
         self._values[name].update_inplace(_checked(self._specs[name], array))  # host -> the session's device
 
     def run(self) -> None:
-        self._session.run_with_iobinding(self._binding)  # returns when the outputs are ready
+        # returns when the outputs are ready
+        run_session(self._contract.module, self._session.run_with_iobinding, self._binding)
 
     def output(self) -> np.ndarray:
         # a copy: on the CPU EP, OrtValue.numpy() is a view of the buffer the next run overwrites

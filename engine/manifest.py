@@ -279,32 +279,48 @@ def write_manifest(engine_dir: Path, manifest: dict) -> None:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+GiB = 2**30
+MAX_FILE_BYTES = {  # per file kind, checked before a byte is hashed; the schema has the same maxima
+    "onnx": 2 * GiB,  # a protobuf's hard limit; the weights live in the data file
+    "data": 16 * GiB,  # AudioLDM2-large's UNet is ~4.4 GB in fp32
+    "plan": 16 * GiB,
+    "tokenizer": 32 * 2**20,  # real tokenizer.json files are 1-3 MB
+    "tokenizer_2": 32 * 2**20,
+}
+
+
 def entry_files(entry: dict) -> list[dict]:
     """Every file record of an entry (one per module artifact)."""
     return [f for module in entry.get("modules", {}).values() for f in module.get("files", {}).values()]
 
 
 def verify_entry(engine_dir: Path, entry: dict) -> list[str]:
-    """Problems with an entry's files (missing, size or hash mismatch); empty when all verify."""
-    return _verify_files(engine_dir, entry_files(entry))
+    """Problems with an entry's files (missing, too large, size or hash mismatch); empty when all verify."""
+    modules = entry.get("modules", {}).values()
+    return _verify_files(engine_dir, [kr for m in modules for kr in m.get("files", {}).items()])
 
 
 def verify_text(engine_dir: Path, manifest: dict) -> list[str]:
     """Problems with the text engine's files (as verify_entry); empty when all verify or there is none."""
     text = manifest.get("text")
-    return [] if text is None else _verify_files(engine_dir, list(text.get("files", {}).values()))
+    return [] if text is None else _verify_files(engine_dir, list(text.get("files", {}).items()))
 
 
-def _verify_files(engine_dir: Path, records: list[dict]) -> list[str]:
+def _verify_files(engine_dir: Path, records: list[tuple[str, dict]]) -> list[str]:
     problems = []
-    for rec in records:
+    for kind, rec in records:
         try:
             path = artifact_path(engine_dir, rec["path"])
         except ManifestError as e:
             problems.append(str(e).removesuffix(f"; {FIX}"))
             continue
+        cap = MAX_FILE_BYTES.get(kind, MAX_FILE_BYTES["data"])
         if not path.is_file():
             problems.append(f"{rec['path']} is missing")
+        elif path.stat().st_size > cap:
+            problems.append(
+                f"{rec['path']} has {path.stat().st_size} bytes, above the {cap} a {kind} file may have"
+            )
         elif path.stat().st_size != rec["bytes"]:
             problems.append(
                 f"{rec['path']} has {path.stat().st_size} bytes, the manifest says {rec['bytes']}"

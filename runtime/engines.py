@@ -21,6 +21,7 @@ from litefocus.engine.contract import (
     UNetContract,
     index_input_name,
 )
+from litefocus.engine.pinned import pin_files
 
 logger = logging.getLogger(__name__)
 
@@ -128,13 +129,30 @@ def open_entry(
 ):
     """Verify the entry's files (hashes), rebuild its contracts and open the backends of ``modules``
     (both by default; a denoiser needs only the UNet, a decoder only the decode graph). ``cuda_graph``:
-    the ONNX Runtime UNet session replays one captured CUDA graph (the decode runs once a request)."""
-    problems = mf.verify_entry(engine_dir, entry)
-    if problems:
-        raise ValueError(
-            f"engine {name} in {engine_dir} failed verification: {'; '.join(problems)}; "
-            "re-export it with litefocus-export --force"
-        )
+    the ONNX Runtime UNet session replays one captured CUDA graph (the decode runs once a request).
+
+    The files are pinned (``engine.pinned``): opened once, size-checked, hashed through the open
+    descriptor, and checked unchanged after the backends have loaded them."""
+    records = entry["modules"]
+    files = {f"{m}/{k}": rec for m in MODULES for k, rec in records[m]["files"].items()}
+    kinds = {key: key.partition("/")[2] for key in files}
+    with pin_files(engine_dir, files, f"engine {name}", kinds) as pinned:
+        opened = _open_backends(name, entry, config, requested, device, modules, cuda_graph, pinned)
+        try:
+            pinned.recheck()
+        except BaseException:
+            _close(opened)
+            raise
+    return opened
+
+
+def _close(opened: OpenEntry) -> None:
+    for backend in (opened.unet, opened.decode):
+        if backend is not None:
+            backend.close()
+
+
+def _open_backends(name, entry, config, requested, device, modules, cuda_graph, pinned) -> OpenEntry:
     unet_c, decode_c = contracts(entry, config)
     wanted = set(modules)
     if not wanted or wanted - set(MODULES):
@@ -156,7 +174,7 @@ def open_entry(
                 if m not in wanted:
                     opened.append(None)
                     continue
-                path = mf.artifact_path(engine_dir, records[m]["files"]["plan"]["path"])
+                path = pinned.path(f"{m}/plan")
                 opened.append(TensorRTBackend(path, c, records[m]["tensorrt"], device=device_text))
         else:
             for m, c in (("unet", unet_c), ("decode", decode_c)):
@@ -164,14 +182,14 @@ def open_entry(
                     opened.append(None)
                     continue
                 check_gpu_form(name, m, records[m], device)
-                files = records[m]["files"]
                 opened.append(
                     OnnxRuntimeBackend(
-                        mf.artifact_path(engine_dir, files["onnx"]["path"]),
+                        pinned.path(f"{m}/onnx"),
                         c,
                         device=device_text,
-                        data_path=mf.artifact_path(engine_dir, files["data"]["path"]),
+                        data_path=pinned.path(f"{m}/data"),
                         cuda_graph=cuda_graph and m == "unet",
+                        graph=pinned.data(f"{m}/onnx"),
                     )
                 )
     except BaseException:

@@ -12,6 +12,7 @@ graph zeroes the T5 states at positions >= L_p, as ``Conditioning.padded`` does 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from litefocus.engine import manifest as mf
-from litefocus.engine.backends import load_session
+from litefocus.engine.backends import load_session, run_session
 from litefocus.engine.contract import ConditioningContract
+from litefocus.engine.pinned import pin_files
+from litefocus.runtime.inputs import check_prompt
 from litefocus.runtime.sampling import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,12 @@ class TextEncoder:
     """``encoder(prompt, negative_prompt=None, guided=True) -> Conditioning``; thread-safe.
 
     Guided: batch 2, [negative, prompt]; unguided: batch 1, the prompt row (the graph still runs on
-    the pair). Open with ``TextEncoder.load(engine_dir)`` (manifest checked, files hashed)."""
+    the pair). Open with ``TextEncoder.load(engine_dir)`` (manifest checked, files hashed).
+
+    ``tokenizer_json``: the two tokenizer files' bytes as hashed (read from the paths otherwise);
+    ``graph``: the graph file's bytes as hashed. A tokenizer file is untrusted: its size is capped, its
+    pieces (model, normalizer, pre-tokenizer, post-processor, decoder, regex patterns) must be among
+    those the exporter writes, and a tokenizer panic is one RuntimeError line."""
 
     def __init__(
         self,
@@ -42,9 +50,10 @@ class TextEncoder:
         contract: ConditioningContract,
         tokenizers: dict,
         device: str = "cpu",
+        *,
+        tokenizer_json: tuple[bytes, bytes] | None = None,
+        graph: bytes | None = None,
     ):
-        from tokenizers import Tokenizer
-
         self.contract = contract
         clap, t5 = tokenizers["tokenizer"], tokenizers["tokenizer_2"]
         if clap["model_max_length"] != contract.clap_len:
@@ -55,17 +64,17 @@ class TextEncoder:
         self._t5_pad = int(t5["pad_id"])
         # diffusers with tokenizer_2.model_max_length = min(limit, text_len), as the torch runtime set it
         self._t5_limit = min(int(t5["model_max_length"]), contract.text_len)
-        try:
-            self._clap = Tokenizer.from_file(str(tokenizer_path))
-            self._t5 = Tokenizer.from_file(str(tokenizer_2_path))
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception on a bad file
-            raise ValueError(
-                f"{tokenizer_path.parent}: a tokenizer file is not readable ({str(e)[:120]}); {FIX}"
-            ) from None
+        texts = tokenizer_json or tuple(_read_capped(p) for p in (tokenizer_path, tokenizer_2_path))
+        self._clap = _tokenizer(Path(tokenizer_path), texts[0])
+        self._t5 = _tokenizer(Path(tokenizer_2_path), texts[1])
         for tok in (self._clap, self._t5):
             tok.no_padding()
             tok.no_truncation()
-        self._session = load_session(onnx_path, contract, device, data_path)
+        self._session = load_session(onnx_path, contract, device, data_path, graph=graph)
+        self._limits = _id_limits(graph if graph is not None else Path(onnx_path).read_bytes())
+        for name, tok in (("clap_input_ids", self._clap), ("t5_input_ids", self._t5)):
+            size = _guard(lambda t=tok: t.get_vocab_size(with_added_tokens=True), "the tokenizer", ValueError)
+            self._limits[name] = min(self._limits.get(name, size), size)
         self._lock = threading.Lock()
 
     @classmethod
@@ -81,38 +90,47 @@ class TextEncoder:
                 "exports with --random-weights or --no-text, or from a model without text encoders, have none); "
                 "use Runtime.generate_from_conditioning, or export from a real model (litefocus-export --model ...)"
             )
-        problems = mf.verify_text(engine_dir, manifest)
-        if problems:
-            raise ValueError(
-                f"the text engine in {engine_dir} failed verification: {'; '.join(problems)}; {FIX}"
-            )
         try:
             contract = ConditioningContract.from_dict(text["contract"])
         except ValueError as e:
             raise ValueError(f"{engine_dir}: {e}; {FIX}") from None
-        files = {k: mf.artifact_path(engine_dir, rec["path"]) for k, rec in text["files"].items()}
-        return cls(
-            files["onnx"],
-            files["data"],
-            files["tokenizer"],
-            files["tokenizer_2"],
-            contract,
-            text["tokenizers"],
-            device=device,
-        )
+        with pin_files(engine_dir, text["files"], "the text engine") as pinned:
+            encoder = cls(
+                pinned.path("onnx"),
+                pinned.path("data"),
+                pinned.path("tokenizer"),
+                pinned.path("tokenizer_2"),
+                contract,
+                text["tokenizers"],
+                device=device,
+                tokenizer_json=(pinned.data("tokenizer"), pinned.data("tokenizer_2")),
+                graph=pinned.data("onnx"),
+            )
+            try:
+                pinned.recheck()
+            except BaseException:
+                encoder.close()
+                raise
+        return encoder
 
     # ---- tokenization (diffusers' rules) -----------------------------------------------------
     @staticmethod
     def _encode(tok, text: str, max_length: int, warn: str | None = None) -> list[int]:
         """``text``'s ids truncated to ``max_length`` (special tokens included); ``warn``: the model
         named in diffusers' warning when something is cut off (diffusers warns for the prompt only)."""
-        tok.enable_truncation(max_length=max_length)
-        try:
-            encoding = tok.encode(text)
-        finally:
-            tok.no_truncation()
+
+        def encode():
+            tok.enable_truncation(max_length=max_length)
+            try:
+                return tok.encode(text)
+            finally:
+                tok.no_truncation()
+
+        encoding = _guard(encode, "tokenizing the prompt", RuntimeError)
         if warn and encoding.overflowing:
-            removed = " ".join(tok.decode(o.ids) for o in encoding.overflowing)
+            removed = _guard(
+                lambda: " ".join(tok.decode(o.ids) for o in encoding.overflowing), "decoding", RuntimeError
+            )
             logger.warning(
                 "The following part of your input was truncated because %s can only handle sequences up to "
                 "%d tokens: %s",
@@ -134,11 +152,9 @@ class TextEncoder:
 
     def tokenize(self, prompt: str, negative_prompt: str | None = None) -> dict[str, np.ndarray]:
         """The graph's four inputs for the pair [negative, prompt] (int64)."""
-        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string, got {type(value).__name__}")
-        if prompt is None:
-            raise ValueError("prompt must be a string, got None")
+        check_prompt(prompt, "prompt")
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt")
         negative = "" if negative_prompt is None else negative_prompt
         c, n = self.contract.clap_len, self.contract.text_len
         with self._lock:
@@ -150,22 +166,139 @@ class TextEncoder:
             t5_negative = self._encode(self._t5, negative, len(t5_prompt))  # padded to L_p below
         # diffusers pads the negative to L_p; beyond L_p the graph's rows are padding too (mask 0)
         t5 = [self._row(t5_negative, n, self._t5_pad), self._row(t5_prompt, n, self._t5_pad)]
-        return {
+        feeds = {
             "clap_input_ids": np.stack([r[0] for r in clap]),
             "clap_attention_mask": np.stack([r[1] for r in clap]),
             "t5_input_ids": np.stack([r[0] for r in t5]),
             "t5_attention_mask": np.stack([r[1] for r in t5]),
         }
+        for name, limit in self._limits.items():
+            ids = feeds[name]
+            if ids.min() < 0 or ids.max() >= limit:
+                bad = int(ids.max() if ids.max() >= limit else ids.min())
+                raise ValueError(
+                    f"{name}: the tokenizer gave token id {bad}, outside the model's {limit} embeddings "
+                    f"(tokenizer file or pad id does not match the graph); {FIX}"
+                )
+        return feeds
 
     def __call__(self, prompt: str, negative_prompt: str | None = None, guided: bool = True) -> Conditioning:
         feeds = self.tokenize(prompt, negative_prompt)
         session = self._session  # one read: close() may run meanwhile
         if session is None:
             raise RuntimeError("TextEncoder is closed")
-        gpt2, t5 = session.run(self.contract.output_names, feeds)
+        gpt2, t5 = run_session("conditioning", session.run, self.contract.output_names, feeds)
         mask = feeds["t5_attention_mask"].astype(np.int32)
         rows = slice(None) if guided else slice(1, 2)
         return Conditioning(gpt2=gpt2[rows], t5=t5[rows], t5_mask=mask[rows])
 
     def close(self) -> None:
         self._session = None
+
+
+# ---- an untrusted tokenizer.json -------------------------------------------------------------------
+MAX_TOKENIZER_BYTES = mf.MAX_FILE_BYTES["tokenizer"]
+# What the exporter writes (transformers' fast RoBERTa / GPT-2 byte-level BPE and T5 Unigram tokenizers):
+# any other piece, or a regex pattern but these, is refused (a backtracking pattern stalls the text thread).
+ALLOWED_TYPES = {
+    "model": {"BPE", "Unigram"},
+    "normalizer": {"Sequence", "Precompiled", "Replace", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Strip",
+                   "StripAccents", "Prepend"},
+    "pre_tokenizer": {"Sequence", "ByteLevel", "Metaspace", "WhitespaceSplit", "Whitespace", "Split"},
+    "post_processor": {"Sequence", "RobertaProcessing", "TemplateProcessing", "ByteLevel"},
+    "decoder": {"Sequence", "ByteLevel", "Metaspace", "Replace", "Strip", "Fuse", "ByteFallback"},
+}  # fmt: skip
+ALLOWED_REGEX = {
+    " {2,}",  # T5's normalizer: runs of spaces -> one
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",  # GPT-2's split
+}
+
+
+def _guard(fn, what: str, error: type):
+    """``fn()``, with any failure of the tokenizers library (pyo3's PanicException derives from
+    BaseException) turned into one ``error`` line."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - a Rust panic arrives as pyo3_runtime.PanicException
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise error(f"{what} failed in the tokenizer ({type(e).__name__}: {first or 'no message'})") from None
+
+
+def _read_capped(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        data = f.read(MAX_TOKENIZER_BYTES + 1)
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise ValueError(
+            f"{path.name} is larger than the {MAX_TOKENIZER_BYTES} bytes a tokenizer may have; {FIX}"
+        )
+    return data
+
+
+def _components(node, section: str):
+    """(section, type) of every typed piece under ``node`` and every regex pattern ("regex", pattern)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            yield section, node["type"]
+        if "Regex" in node:
+            yield "regex", node["Regex"]
+        for value in node.values():
+            yield from _components(value, section)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _components(value, section)
+
+
+def check_tokenizer_json(spec, name: str) -> None:
+    """Refuse (ValueError, one line) a tokenizer.json with a piece or regex pattern the exporter never
+    writes; ``spec``: the parsed file."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ValueError(f"{name} is not a tokenizer.json (no model); {FIX}")
+    model = {k: v for k, v in spec["model"].items() if k not in ("vocab", "merges")}
+    found = [("model", spec["model"].get("type"))]
+    found += _components(model, "model")
+    for section in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        found += _components(spec.get(section), section)
+    for section, value in found:
+        allowed = ALLOWED_REGEX if section == "regex" else ALLOWED_TYPES[section]
+        if value not in allowed:
+            what = "regex pattern" if section == "regex" else f"{section} type"
+            raise ValueError(
+                f"{name}: {what} {json.dumps(value)[:80]} is not one litefocus-export writes "
+                f"(allowed: {', '.join(sorted(allowed))[:200]}); {FIX}"
+            )
+    if spec["model"].get("dropout") not in (None, 0, 0.0):
+        raise ValueError(f"{name}: BPE dropout makes tokenization random; {FIX}")
+
+
+def _tokenizer(path: Path, data: bytes):
+    """A ``tokenizers.Tokenizer`` of the bytes of ``path`` (size-capped, checked against the allowlist)."""
+    from tokenizers import Tokenizer
+
+    if len(data) > MAX_TOKENIZER_BYTES:
+        raise ValueError(
+            f"{path.name} is larger than the {MAX_TOKENIZER_BYTES} bytes a tokenizer may have; {FIX}"
+        )
+    try:
+        text = data.decode("utf-8")
+        spec = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path.name} is not UTF-8 JSON ({type(e).__name__}); {FIX}") from None
+    check_tokenizer_json(spec, path.name)
+    return _guard(lambda: Tokenizer.from_str(text), f"reading {path.name}", ValueError)
+
+
+def _id_limits(graph: bytes) -> dict[str, int]:
+    """{input: rows of the embedding table it indexes} for the graph's token-id inputs (a Gather of an
+    initializer by the input itself, as the exporter writes); ids at or past it are refused."""
+    import onnx
+
+    model = onnx.load_model_from_string(graph)
+    rows = {i.name: int(i.dims[0]) for i in model.graph.initializer if len(i.dims) == 2}
+    limits: dict[str, int] = {}
+    for node in model.graph.node:
+        ids = node.input[1] if node.op_type == "Gather" and len(node.input) == 2 else None
+        if ids in ("clap_input_ids", "t5_input_ids") and node.input[0] in rows:
+            limits[ids] = min(limits.get(ids, rows[node.input[0]]), rows[node.input[0]])
+    return limits
