@@ -116,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Serving batches requests per denoising step into the smallest that holds them: a guided request "
         "takes 2 rows, an unguided one 1 (e.g. --batch 2 4 8)",
     )
-    p.add_argument("--text-len", type=int, default=128, help="fixed T5 token length of the engine")
+    p.add_argument(
+        "--text-len",
+        type=int,
+        default=128,
+        help="fixed T5 token length of the engine (the text engine needs a language model with at least "
+        "text-len + 12 positions)",
+    )
     p.add_argument(
         "--no-litefocus", action="store_true", help="export the plain full-attention UNet (baseline)"
     )

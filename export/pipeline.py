@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import functools
-import json
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +26,21 @@ import litefocus
 from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
-from litefocus.engine.contract import ATTENTION_FORMS, CONV_FORMS, DecodeContract, UNetContract
+from litefocus.engine.contract import (
+    ATTENTION_FORMS,
+    CONV_FORMS,
+    GPT2_TOKENS,
+    DecodeContract,
+    UNetContract,
+)
+from litefocus.export import outdir
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
 from litefocus.export.gpu_form import gpu_form, resolve_gpu_ops
 from litefocus.export.group_norm import precise_group_norm
 from litefocus.export.onnx_export import OPSET, UNetExportModule, export_onnx, unet_contract_for
+from litefocus.export.outdir import check_out as _check_out
 from litefocus.export.validate import validate
 from litefocus.installer import self_attention_freq_bins
 from litefocus.models import random_source, scheduler_config
@@ -356,70 +361,6 @@ def _module_stages(name, label, module, contract, out_dir, entry, attention, opt
     return record
 
 
-OWN_DOTFILES = (".lock", ".tmp-")  # what litefocus itself leaves in an engine directory
-
-
-def _foreign_entries(out: Path) -> list[str]:
-    """Names in ``out`` that are not litefocus's own lock / temporary folders."""
-    return sorted(p.name for p in out.iterdir() if not p.name.startswith(OWN_DOTFILES))
-
-
-def _check_out(out: Path) -> None:
-    """Refuse, before writing anything, an ``--out`` that is not (or cannot become) a litefocus engine
-    directory: a file, a non-empty folder without a manifest, or a folder whose manifest.json is not
-    litefocus's (``--force`` never changes that: it only rebuilds what a litefocus manifest lists)."""
-    if out.is_symlink() and not out.is_dir():
-        raise ValueError(f"--out {out} is a symbolic link to no directory; pass a new or engine directory")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; pass a new or engine directory")
-    if not out.is_dir():
-        return
-    manifest = out / mf.MANIFEST
-    if manifest.exists() or manifest.is_symlink():
-        if manifest.is_symlink() or not manifest.is_file():
-            raise ValueError(f"--out {out}: {mf.MANIFEST} is not a regular file; pass a new directory")
-        try:
-            kind = json.loads(manifest.read_bytes()[: mf.MAX_MANIFEST_BYTES]).get("kind")
-        except (ValueError, AttributeError, RecursionError):
-            kind = None
-        if kind != mf.KIND:
-            raise ValueError(
-                f"--out {out} holds a {mf.MANIFEST} that is not a litefocus engine manifest; litefocus leaves "
-                "it alone (with --force too): pass a new directory"
-            )
-    elif _foreign_entries(out):
-        raise ValueError(
-            f"--out {out} exists, is not empty and is not an engine directory (no manifest.json); "
-            "pass a new directory or an engine directory"
-        )
-
-
-def _prepare_out(out: Path) -> None:
-    """Create ``out`` or check it is an engine directory we can write (see _check_out)."""
-    _check_out(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"--out {out} is not writable ({e.strerror}); pass a directory you can write to"
-        ) from None
-
-
-def _install_entry(out: Path, name: str, tmp: Path) -> None:
-    """Swap the finished temporary directory into place (replacing an older build)."""
-    final = out / name
-    old = out / f".tmp-old-{name}"
-    tmp.chmod(0o755)  # mkdtemp makes 0700: engines are shared with the serving user
-    for f in tmp.iterdir():
-        f.chmod(0o644)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
     """Export every bucket of ``opts``; returns (manifest, one summary row per entry)."""
     opts = dataclasses.replace(
@@ -431,23 +372,54 @@ def export_engines(opts: ExportOptions) -> tuple[dict, list[dict]]:
         opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, opts.backend, opts.device, opts.conv, opts.attention)
     )
     out = Path(opts.out)
-    _prepare_out(out)
+    local = None if opts.random_preset is not None else Path(str(opts.model)).expanduser()
+    outdir.check_out_beside_model(out, local)
     components = Components(opts)
+    text = opts.text and components.text_parts() is not None
+    if text:  # before anything is written
+        check_text_positions(language_model_positions(components.identity["source"]), opts.text_len)
+    outdir.prepare_out(out)
     config = None if opts.litefocus is None else opts.litefocus.to_dict()
-    with _locked(out):
+    with outdir.locked(out) as lock:
         _check_out(out)  # again, under the lock: another export may have written meanwhile
-        manifest = _open_manifest(out, components.weights_identity(), config, opts.force)
+        manifest = _open_manifest(lock, components.weights_identity(), config, opts.force)
         schedule = scheduler_config(manifest["model"]["source"])  # the runtime's samplers read it here
         if manifest.get("scheduler") != schedule:
             manifest = {**manifest, "scheduler": schedule}
-            mf.write_manifest(out, manifest)
-        text = opts.text and components.text_parts() is not None
+            lock.write_manifest(manifest)
         if text:
-            _check_text_dir(out, manifest)  # before anything heavy
-        manifest, rows = _export_buckets(out, opts, components, manifest)
+            outdir.refuse_unlisted(out, mf.TEXT_DIR, "text" in manifest)  # before anything heavy
+        manifest, rows = _export_buckets(lock, opts, components, manifest)
         if text:
-            _export_text(out, opts, components, manifest)
+            _export_text(lock, opts, components, manifest)
         return manifest, rows
+
+
+def language_model_positions(source: str) -> int | None:
+    """The language model's (GPT-2's) learned positions, from its config; None when unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, subfolder="language_model")
+    except (OSError, ValueError):
+        return None  # loading the text parts reports it
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) else None
+
+
+def check_text_positions(positions: int | None, text_len: int) -> None:
+    """GPT-2 reads [sos, clap, eos, sos1, T5 x text_len, eos1] and its own states as it generates
+    them: text_len + 12 positions for the last of the 8. Diffusers runs a model with fewer for short
+    prompts; the static graph would index past them: refuse in one line, naming the fix."""
+    extra = 5 + GPT2_TOKENS - 1
+    if positions is None or text_len + extra <= positions:
+        return
+    fix = f"pass --text-len {positions - extra} or less, or " if positions > extra else "pass "
+    raise ValueError(
+        f"--text-len {text_len}: the language model has {positions} positions, fewer than the "
+        f"{text_len + extra} that {text_len} T5 tokens + 4 markers + {GPT2_TOKENS} generated states take; "
+        f"{fix}--no-text to skip the text engine"
+    )
 
 
 def _check_memory(opts: ExportOptions, components: Components, seconds: list[float]) -> None:
@@ -462,23 +434,11 @@ def _check_memory(opts: ExportOptions, components: Components, seconds: list[flo
     check_export_memory(tuple(seconds), opts.precision, opts.decode_window, opts.device, params)
 
 
-@contextlib.contextmanager
-def _locked(out: Path):
-    """One export at a time per engine directory (a second one waits)."""
-    with open(out / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) -> dict:
+def _open_manifest(lock: outdir.EngineDirLock, identity: dict, config: dict | None, force: bool) -> dict:
     """The directory's manifest, or a new one (with --force, replacing another model's or a broken
     one). Only the entry folders that the old litefocus manifest lists are ever deleted."""
-    for stale in out.glob(".tmp-*"):  # leftovers of killed runs (we hold the lock)
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
+    out = lock.out
+    lock.clean_stale()  # what killed runs left (recorded scratch folders only)
     try:
         manifest = mf.read_manifest(out) if mf.is_engine_dir(out) else None
     except mf.ManifestError:
@@ -492,25 +452,27 @@ def _open_manifest(out: Path, identity: dict, config: dict | None, force: bool) 
                 f"{str(manifest['model']['weights_sha256'])[:12]}) with LiteFocus {manifest['litefocus']}; pass "
                 "another --out, or --force to replace them"
             )
-        _drop_entries(out, manifest)
+        _drop_entries(lock, manifest)
         manifest = None
     if manifest is None:
         manifest = mf.new_manifest(identity, config)
-        mf.write_manifest(out, manifest)
+        lock.write_manifest(manifest)
     return manifest
 
 
-def _drop_entries(out: Path, manifest: dict) -> None:
+def _drop_entries(lock: outdir.EngineDirLock, manifest: dict) -> None:
     """Delete the entry folders (and text engine) a (valid) litefocus manifest lists: nothing else, no symlinks."""
     kept = {k: v for k, v in manifest.items() if k != "text"}
-    mf.write_manifest(out, {**kept, "entries": {}})  # first: never list a deleted folder
+    lock.write_manifest({**kept, "entries": {}})  # first: never list a deleted folder
+    out = lock.out
     for name in [*manifest["entries"], *([mf.TEXT_DIR] if "text" in manifest else [])]:
         folder = out / name
         if folder.is_dir() and not folder.is_symlink():
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _export_buckets(out: Path, opts: ExportOptions, components: Components, manifest: dict):
+def _export_buckets(lock: outdir.EngineDirLock, opts: ExportOptions, components: Components, manifest: dict):
+    out = lock.out
     # one entry per latent length: of several requests that share it, keep the longest
     by_frames = {b.frames: b for b in sorted(map(Bucket.for_seconds, opts.seconds), key=lambda b: b.seconds)}
     buckets = [by_frames[f] for f in sorted(by_frames)]
@@ -519,6 +481,7 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
     plan = []  # (bucket, batch, name, key, cached entry or None)
     for bucket, batch in [(bucket, batch) for bucket in buckets for batch in sorted(set(opts.batches))]:
         name = mf.entry_name(bucket, opts.precision, batch)
+        outdir.refuse_unlisted(out, name, name in manifest["entries"])  # before anything heavy
         key = cache_key(opts, components.identity, bucket, batch)
         old = manifest["entries"].get(name)
         fresh = not opts.force and old and old.get("key") == key and not mf.verify_entry(out, old)
@@ -533,19 +496,20 @@ def _export_buckets(out: Path, opts: ExportOptions, components: Components, mani
                 rows.append({"entry": name, "status": "cached", **_summary(cached)})
             else:
                 sibling = decodes.get(bucket.frames)
-                entry = _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar, sibling)
+                entry = _build_entry(lock, name, bucket, batch, key, opts, components, manifest, bar, sibling)
                 rows.append({"entry": name, "status": "built", **_summary(entry)})
             decodes.setdefault(bucket.frames, name)
     return manifest, rows
 
 
-def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar, sibling=None) -> dict:
+def _build_entry(lock, name, bucket, batch, key, opts, components, manifest, bar, sibling=None) -> dict:
     """Export, audit, validate (and build) one entry's graphs in a temporary folder, then rename it
     into place. ``sibling``: an entry of this run with the same bucket and precision (another batch
     size) whose verified decode graph is copied instead of exported again (decode is batch 1 in
     every entry and does not depend on the UNet's batch or LiteFocus)."""
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=out))
+    out = lock.out
+    tmp = lock.make_dir(name)
     try:
         bar.set_description(f"{name} load")
         unet, handle, _, _ = components.models()
@@ -585,13 +549,13 @@ def _build_entry(out, name, bucket, batch, key, opts, components, manifest, bar,
             "build_seconds": time.perf_counter() - t0,
             "versions": mf.library_versions(),
         }
-        _install_entry(out, name, tmp)
+        lock.install(tmp, name, listed=name in manifest["entries"])
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.discard(tmp)
         raise
     manifest["entries"][name] = entry
     manifest["versions"] = mf.library_versions()
-    mf.write_manifest(out, manifest)
+    lock.write_manifest(manifest)
     return entry
 
 
@@ -638,27 +602,14 @@ def text_cache_key(opts: ExportOptions, text_identity: dict) -> str:
     )
 
 
-def _check_text_dir(out: Path, manifest: dict) -> None:
-    """Refuse a text/ that the manifest does not list: litefocus replaces only what it recorded."""
-    folder = out / mf.TEXT_DIR
-    if not (folder.exists() or folder.is_symlink()):
-        return
-    if "text" not in manifest:
-        raise ValueError(
-            f"--out {out} has a {mf.TEXT_DIR}/ that its manifest does not list (an interrupted export's, or not "
-            f"litefocus's); litefocus leaves it alone: remove it, or pass --no-text"
-        )
-    if folder.is_symlink() or not folder.is_dir():
-        raise ValueError(
-            f"--out {out}: {mf.TEXT_DIR} is not a directory; litefocus leaves it alone: remove it"
-        )
-
-
-def _export_text(out: Path, opts: ExportOptions, components: Components, manifest: dict) -> dict:
+def _export_text(
+    lock: outdir.EngineDirLock, opts: ExportOptions, components: Components, manifest: dict
+) -> dict:
     """The text engine: reused when its key matches and its files verify, else built in a temporary
     folder and renamed to text/ (then the manifest is rewritten)."""
     from litefocus.export.conditioning import conditioning_contract, export_conditioning, load_text_parts
 
+    out = lock.out
     key = text_cache_key(opts, components.text_identity())
     old = manifest.get("text")
     if not opts.force and old and old.get("key") == key and not mf.verify_text(out, manifest):
@@ -674,8 +625,11 @@ def _export_text(out: Path, opts: ExportOptions, components: Components, manifes
             f"could not load the text encoders of {source} ({type(e).__name__}: {first}); pass --no-text to "
             "export without the text engine"
         ) from None
+    check_text_positions(
+        getattr(parts["language_model"].config, "max_position_embeddings", None), opts.text_len
+    )
     contract = conditioning_contract(parts, opts.text_len)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{mf.TEXT_DIR}-", dir=out))
+    tmp = lock.make_dir(mf.TEXT_DIR)
     try:
         result = export_conditioning(parts, contract, tmp, device=opts.device)
         record = {
@@ -689,12 +643,11 @@ def _export_text(out: Path, opts: ExportOptions, components: Components, manifes
             "export_seconds": time.perf_counter() - t0,
             "versions": mf.library_versions(),
         }
-        _check_text_dir(out, manifest)  # the folder replaced below is the one the manifest lists
-        _install_entry(out, mf.TEXT_DIR, tmp)
+        lock.install(tmp, mf.TEXT_DIR, listed="text" in manifest)  # only the folder the manifest lists
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        lock.discard(tmp)
         raise
     manifest["text"] = record
     manifest["versions"] = mf.library_versions()
-    mf.write_manifest(out, manifest)
+    lock.write_manifest(manifest)
     return record

@@ -337,8 +337,9 @@ def test_export_never_touches_a_foreign_directory(tmp_path, force):
 def test_a_new_out_with_only_a_lock_is_not_foreign(tmp_path):
     out = tmp_path / "engines"
     out.mkdir()
-    (out / ".lock").write_text("")  # what a concurrent export creates first
-    (out / ".tmp-5p12s-fp32-abc").mkdir()
+    scratch = ".tmp-5p12s-fp32-" + "ab" * 8  # a concurrent export's folder, recorded in its lock
+    (out / ".lock").write_text(scratch + "\n")  # what a concurrent export creates first
+    (out / scratch).mkdir()
     _check_out(out)  # no error: the other export's lock does not make the directory foreign
     (out / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not an engine directory"):

@@ -225,8 +225,9 @@ def _tiny_scheduler_config() -> dict:
     return json.loads(text)
 
 
-def make_tiny_pipeline_components(seed: int = 0) -> dict:
+def make_tiny_pipeline_components(seed: int = 0, gpt2_positions: int | None = None) -> dict:
     """Every AudioLDM2Pipeline component, tiny and random (seeded; the global RNG is untouched).
+    ``gpt2_positions``: the language model's n_positions instead of TINY_GPT2_CONFIG's.
 
     The language model is a GPT2LMHeadModel (not the GPT2Model the cvssp checkpoints ship):
     diffusers 0.42's ``generate_language_model`` calls ``_update_model_kwargs_for_generation``,
@@ -252,7 +253,9 @@ def make_tiny_pipeline_components(seed: int = 0) -> dict:
         projection_dim=CLAP_PROJECTION_DIM,
     )
     t5_config = T5Config(vocab_size=len(tokenizer_2), **TINY_T5_CONFIG)
-    gpt2_config = GPT2Config(**TINY_GPT2_CONFIG)
+    gpt2_config = GPT2Config(
+        **{**TINY_GPT2_CONFIG, **({"n_positions": gpt2_positions} if gpt2_positions else {})}
+    )
     # Read by generate_language_model when the caller passes no max_new_tokens. A plain extra config
     # attribute (not a GenerationConfig field in transformers 5), so it survives save/load.
     gpt2_config.max_new_tokens = GPT2_MAX_NEW_TOKENS
@@ -283,17 +286,17 @@ def make_tiny_pipeline_components(seed: int = 0) -> dict:
     }
 
 
-def make_tiny_pipeline(seed: int = 0):
+def make_tiny_pipeline(seed: int = 0, gpt2_positions: int | None = None):
     from diffusers import AudioLDM2Pipeline
 
-    pipe = AudioLDM2Pipeline(**make_tiny_pipeline_components(seed))
+    pipe = AudioLDM2Pipeline(**make_tiny_pipeline_components(seed, gpt2_positions))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def save_tiny_pipeline(path, seed: int = 0):
+def save_tiny_pipeline(path, seed: int = 0, gpt2_positions: int | None = None):
     """Write the tiny pipeline with save_pretrained; AudioLDM2Pipeline.from_pretrained(path) loads
     it back offline. Returns the in-memory pipeline that was saved."""
-    pipe = make_tiny_pipeline(seed)
+    pipe = make_tiny_pipeline(seed, gpt2_positions)
     pipe.save_pretrained(path)
     return pipe
