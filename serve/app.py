@@ -35,20 +35,25 @@ from litefocus.runtime.sampling import make_sampler
 from litefocus.serve.deployments import Decoder, Denoiser, StatsBoard, TextConditioner
 from litefocus.serve.http import (
     ApiError,
+    BodyGate,
     audio_response,
     conditioning_of,
     field_error,
     install_error_handlers,
+    internal_error,
     options_of,
     parse_request,
-    read_body,
 )
+from litefocus.serve.jobs import JobManager, denoise_call, page_response  # jobs API + page (issue 31)
 from litefocus.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
 LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
+HEALTH_TIMEOUT_S = 1.0  # /healthz waits at most this for the deployments' answers
+HEALTH_CACHE_S = 1.0  # and reuses an answer this long (a flood of /healthz costs one probe a second)
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 api = FastAPI(title="litefocus", description="LiteFocus text-to-audio on Ray Serve")
 install_error_handlers(api)
@@ -68,6 +73,16 @@ class Ingress:
         self.max_seconds = self.buckets[-1]["seconds"]
         self.has_text = self.runtime.manifest.get("text") is not None
         self.text, self.denoisers, self.decoder, self.board = text, denoisers, decoder, stats_board
+        s = self.settings
+        self.gate = BodyGate(s.max_body_readers, s.body_timeout_s)  # slow bodies (issue 31, defect 1)
+        self.inflight = 0  # generate requests past their body (at most s.max_inflight)
+        self._health: tuple[float, list[str]] | None = None
+        self._probe: asyncio.Future | None = None
+        if not s.docs:  # /docs, /redoc and /openapi.json only with the docs setting (--docs)
+            api.router.routes[:] = [
+                r for r in api.router.routes if getattr(r, "path", None) not in DOCS_PATHS
+            ]
+        self.jobs = JobManager()  # the jobs API (litefocus.serve.jobs)
         self.m_requests = metrics.Counter(
             "litefocus_requests", "generate requests by status", tag_keys=("status", "bucket")
         )
@@ -80,7 +95,13 @@ class Ingress:
 
     # ---- endpoints -----------------------------------------------------------------------------
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        """200 when every deployment a request needs answers; else 503 naming the ones that do not."""
+        down = await self._not_running()
+        if down:
+            return ApiError(
+                503, f"not ready: {', '.join(down)} not running; retry shortly", None, {"Retry-After": "2"}
+            ).response()
         return {"status": "ok", "buckets": [b["name"] for b in self.buckets], "text": self.has_text}
 
     @api.get("/v1/engines")
@@ -104,7 +125,19 @@ class Ingress:
     async def generate(self, request: Request):
         t0, status, bucket = time.perf_counter(), 500, ""
         try:
-            bucket, response = await self._generate(request)
+            raw = await self.gate.read(request, self.settings.max_body_bytes)
+            if self.inflight >= self.settings.max_inflight:
+                raise ApiError(
+                    503,
+                    f"{self.inflight} requests are in flight here; retry shortly",
+                    None,
+                    {"Retry-After": "1"},
+                )
+            self.inflight += 1
+            try:
+                bucket, response = await self._generate(raw)
+            finally:
+                self.inflight -= 1
             status = response.status_code
             return response
         except ApiError as e:
@@ -113,15 +146,64 @@ class Ingress:
         except asyncio.CancelledError:  # the client went away: nothing to answer
             status = 499
             raise
+        except Exception as e:  # noqa: BLE001 - one line of JSON, never a traceback
+            return internal_error(e).response()
         finally:
             self.m_requests.inc(tags={"status": str(status), "bucket": bucket})
             if status == 200:
                 self.m_latency.observe(time.perf_counter() - t0, tags={"bucket": bucket})
 
+    # ---- jobs and the page (litefocus.serve.jobs; issue 31, items 11 and 12) -----------------------
+    @api.post("/v1/jobs", status_code=202)
+    async def create_job(self, request: Request):
+        raw = await self.gate.read(request, self.settings.max_body_bytes)  # slow bodies: as /v1/generate
+        req, cond, bucket, options, headers = self._prepare(raw)
+
+        async def work():
+            wave = await self._pipeline(req, cond, bucket, options, headers)
+            return audio_response(wave, SAMPLE_RATE, req.format, headers)
+
+        return self.jobs.submit(work, seconds=req.seconds, steps=options.steps, headers=headers)
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job_status(self, job_id: str) -> dict:
+        return self.jobs.status(job_id)
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, job_id: str):
+        return self.jobs.events(job_id)
+
+    @api.get("/v1/jobs/{job_id}/audio")
+    async def job_audio(self, job_id: str):
+        return self.jobs.audio(job_id)
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def cancel_job(self, job_id: str) -> dict:
+        return self.jobs.cancel(job_id)
+
+    @api.get("/", include_in_schema=False)
+    async def page(self):
+        return page_response()
+
     # ---- the request -----------------------------------------------------------------------------
-    async def _generate(self, request: Request):
+    async def _generate(self, raw: bytes):
         s = self.settings
-        req = parse_request(await read_body(request, s.max_body_bytes))
+        req, cond, bucket, options, headers = self._prepare(raw)
+        try:
+            wave = await asyncio.wait_for(self._pipeline(req, cond, bucket, options, headers), s.timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504,
+                f"the request took longer than this server's timeout of {s.timeout_s:g} s; "
+                "ask for fewer steps or seconds, or retry later",
+                None,
+            ) from None
+        return bucket, audio_response(wave, SAMPLE_RATE, req.format, headers)
+
+    def _prepare(self, raw: bytes):
+        """The checked request (POST /v1/generate and POST /v1/jobs): req, cond, bucket, options, headers."""
+        s = self.settings
+        req = parse_request(raw)
         bucket = self._bucket(req.seconds)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         options = options_of(req, seed, s.max_steps)
@@ -145,18 +227,11 @@ class Ingress:
                 422, "prompt: these engines have no text encoder; send conditioning instead", "prompt"
             )
         headers = {"X-Seed": str(seed), "X-Bucket": bucket}
-        try:
-            wave = await asyncio.wait_for(self._pipeline(req, cond, bucket, options, headers), s.timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(
-                504,
-                f"the request took longer than this server's timeout of {s.timeout_s:g} s; "
-                "ask for fewer steps or seconds, or retry later",
-                None,
-            ) from None
-        return bucket, audio_response(wave, SAMPLE_RATE, req.format, headers)
+        return req, cond, bucket, options, headers
 
     def _bucket(self, seconds: float) -> str:
+        if seconds * SAMPLE_RATE < 1:  # not one sample (e.g. 1e-300): no work for nothing
+            raise field_error("seconds", f"seconds = {seconds:g} is less than one sample (1/{SAMPLE_RATE} s)")
         try:
             return self.runtime.bucket_for(seconds)
         except ValueError as e:
@@ -183,7 +258,44 @@ class Ingress:
     async def _denoise(self, bucket: str, cond, options) -> dict:
         """The bucket's denoiser call. A replica lost under it is a 503 (Retry-After): the client
         retries, with the X-Seed it got for the same result, once Serve has restarted the replica."""
-        return await self._call(self.denoisers[bucket].denoise.remote(cond, options), f"denoiser {bucket}")
+        call = denoise_call(self.denoisers[bucket], cond, options)  # a job's call streams its progress
+        return await self._call(call, f"denoiser {bucket}")
+
+    # ---- readiness ---------------------------------------------------------------------------------
+    async def _not_running(self) -> list[str]:
+        """The deployments a request needs that do not answer a ping within HEALTH_TIMEOUT_S (one
+        probe at a time, its answer reused for HEALTH_CACHE_S: cheap and bounded under a flood)."""
+        if self._health is not None and time.monotonic() - self._health[0] < HEALTH_CACHE_S:
+            return self._health[1]
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._ping_all())
+        return await asyncio.shield(self._probe)
+
+    async def _ping_all(self) -> list[str]:
+        targets = {"decoder": self.decoder, **{f"denoiser {b}": d for b, d in self.denoisers.items()}}
+        if self.has_text:
+            targets = {"text encoder": self.text, **targets}
+        alive = await asyncio.gather(*[self._ping(h) for h in targets.values()])
+        down = [name for name, ok in zip(targets, alive, strict=True) if not ok]
+        self._health = (time.monotonic(), down)
+        return down
+
+    @staticmethod
+    async def _ping(handle) -> bool:
+        """Whether a deployment has a replica that answers (a full one is busy, not down)."""
+        response = handle.ping.remote()
+
+        async def answer():
+            return await response
+
+        try:
+            await asyncio.wait_for(answer(), HEALTH_TIMEOUT_S)
+        except BackPressureError:
+            return True
+        except Exception:  # noqa: BLE001 - lost, failing, not started or too slow: not running
+            response.cancel()
+            return False
+        return True
 
     @staticmethod
     async def _call(response, what: str):
@@ -215,10 +327,11 @@ def build_app(args: dict):
     s = ServeSettings.from_args(args)
     runtime = Runtime.load(s.engines, backend=s.backend)  # the manifest, checked; nothing opened
     buckets = runtime.buckets()
-    biggest = max(b["batch_sizes"][-1] for b in buckets)
 
     def options(kind: str, **extra) -> dict:
         actor = {"num_cpus": s.cpus_of(kind), **extra.pop("actor", {})}
+        if s.resources_of(kind):  # custom resources pin the kind to the nodes that offer them
+            actor["resources"] = s.resources_of(kind)
         return {**s.scaling_of(kind).options(), "ray_actor_options": actor, **extra}
 
     board = StatsBoard.bind()
@@ -247,7 +360,9 @@ def build_app(args: dict):
         denoisers[b["name"]] = Denoiser.options(name=deployment_name(b["name"]), **opts).bind(
             s.engines, b["name"], s.backend, s.device, s.batching, s.queue_size, board
         )
+    # bodies being read + requests in flight + a reserve that /healthz and /v1/stats always find free
+    # (past their caps, generate requests get 503 at once: they never queue in front of /healthz)
     ingress_opts = options(
-        "ingress", max_ongoing_requests=max(256, 4 * s.queue_size * len(buckets) + biggest)
+        "ingress", max_ongoing_requests=s.max_body_readers + s.max_inflight + s.ingress_reserve
     )
     return Ingress.options(**ingress_opts).bind(s.to_args(), text, denoisers, decoder, board)

@@ -10,6 +10,9 @@ Pure asyncio, no Ray: the Ray deployment (``app.Denoiser``) wraps one ``StepLoop
   resolve the slots that finished.
 * A caller that goes away (client disconnect, timeout: its task is cancelled) leaves the queue at
   once, or the running batch at the next step boundary: the step in flight is never interrupted.
+* Progress (optional, per request): ``run(slot, progress=fn)``, or ``fn`` set in ``PROGRESS`` in the
+  caller's context, is told ``fn(step, steps, queue_position)`` while the request waits (position 1 =
+  next in line) and after each of its steps (position 0). A failing callback is logged, never fatal.
 
 ``unet`` is anything with ``capacity`` (rows per step) and ``step(slots)`` that advances every slot
 by one step in place (``slot.rows``, ``slot.done``, ``slot.step``, ``slot.steps``); optionally
@@ -19,6 +22,7 @@ by one step in place (``slot.rows``, ``slot.done``, ``slot.step``, ``slot.steps`
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 import time
@@ -27,6 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 logger = logging.getLogger(__name__)
+
+# a per-request progress callback ``fn(step, steps, queue_position)`` that ``StepLoop.run`` picks up
+PROGRESS: contextvars.ContextVar = contextvars.ContextVar("litefocus_progress", default=None)
 
 
 class QueueFull(Exception):
@@ -57,11 +64,21 @@ class LoopStats:
 
 
 class _Entry:
-    __slots__ = ("slot", "future")
+    __slots__ = ("slot", "future", "progress")
 
-    def __init__(self, slot, future: asyncio.Future):
+    def __init__(self, slot, future: asyncio.Future, progress=None):
         self.slot = slot
         self.future = future
+        self.progress = progress
+
+    def tell(self, queue_position: int) -> None:
+        if self.progress is None or self.gone:
+            return
+        try:
+            self.progress(self.slot.step, self.slot.steps, queue_position)
+        except Exception:  # noqa: BLE001 - a listener's bug must not stop the batch
+            logger.exception("a progress callback failed; it is dropped")
+            self.progress = None
 
     @property
     def gone(self) -> bool:  # cancelled by its caller (or already resolved)
@@ -99,9 +116,10 @@ class StepLoop:
     def active(self) -> int:
         return len(self._active)
 
-    async def run(self, slot):
+    async def run(self, slot, progress=None):
         """Queue ``slot``, return it when done. ``QueueFull`` when the queue is full; ``ValueError``
-        when the request alone has more rows than a step holds."""
+        when the request alone has more rows than a step holds. ``progress``: see the module docstring
+        (default: ``PROGRESS`` of the caller's context)."""
         if self._closed:
             raise RuntimeError("the denoiser is shutting down")
         if slot.rows > self.capacity:
@@ -115,7 +133,8 @@ class StepLoop:
                 f"the queue of this bucket is full ({self.queue_size} waiting); retry later",
                 self.retry_after(),
             )
-        entry = _Entry(slot, asyncio.get_running_loop().create_future())
+        progress = progress if progress is not None else PROGRESS.get()
+        entry = _Entry(slot, asyncio.get_running_loop().create_future(), progress)
         self._waiting.append(entry)
         self.stats.admitted += 1
         self._notify_queue()
@@ -174,6 +193,7 @@ class StepLoop:
             self._active.append(entry)
             rows += entry.slot.rows
             moved = True
+            entry.tell(0)
         if moved or gone:
             self._notify_queue()
 
@@ -219,6 +239,8 @@ class StepLoop:
                 self._active = [e for e in self._active if e not in batch]
                 continue
             self._record(time.perf_counter() - t0, slots, before)
+            for entry in batch:
+                entry.tell(0)
             finished = [e for e in batch if e.slot.done]
             for entry in finished:
                 if not entry.gone:
@@ -250,5 +272,39 @@ class StepLoop:
             )
 
     def _notify_queue(self) -> None:
+        for position, entry in enumerate(self._waiting, 1):
+            entry.tell(position)
         if self._observer is not None:
             self._observer("queue", depth=len(self._waiting), active=len(self._active))
+
+
+async def progress_stream(run):
+    """Run ``run()`` (a coroutine function that awaits ``StepLoop.run``) with a progress callback in
+    its context; yield ``{"progress": {step, steps, queue_position}}`` as it changes (the latest only:
+    a slow reader skips stale values, nothing queues up), then ``run()``'s result. Closing the stream
+    (a cancelled caller) cancels ``run()``: the request leaves the queue or the batch."""
+    latest: dict = {}
+    changed = asyncio.Event()
+
+    def progress(step: int, steps: int, queue_position: int) -> None:
+        latest.update(step=step, steps=steps, queue_position=queue_position)
+        changed.set()
+
+    context = contextvars.copy_context()
+    context.run(PROGRESS.set, progress)
+    task = asyncio.get_running_loop().create_task(run(), context=context)
+    try:
+        while True:
+            if changed.is_set():
+                changed.clear()
+                yield {"progress": dict(latest)}
+            if task.done():
+                break
+            waiter = asyncio.ensure_future(changed.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+        yield task.result()
+    finally:
+        task.cancel()

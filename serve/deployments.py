@@ -4,7 +4,12 @@
 * ``Denoiser``, one deployment per bucket: owns the whole sampling loop of its requests (a
   ``StepLoop`` over a ``BatchedUNet``); returns the final latents, never intermediate ones;
 * ``Decoder``: final latents -> waveform;
-* ``StatsBoard`` (one replica): the denoiser replicas' counters, summed for ``GET /v1/stats``.
+* ``StatsBoard`` (one replica): the denoiser replicas' counters, summed for ``GET /v1/stats``:
+  the latest report of each live replica plus a ledger of the replicas that died. The counters live
+  in the replicas (each reports every ``HEARTBEAT_S`` and keeps a copy of the ledger), so a restarted
+  board is whole again at their next report; a replica counts while its actor is alive.
+
+Each deployment answers ``ping`` (``GET /healthz`` asks them all).
 
 Metrics (``ray.serve.metrics``, exported with Ray's own Prometheus metrics): per bucket, the queue
 depth and running requests (gauges), step latency and batch occupancy (histograms: rows used /
@@ -23,13 +28,16 @@ from ray.serve import metrics
 
 from litefocus.runtime import Runtime
 from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot
-from litefocus.serve.denoiser import QueueFull, StepLoop
+from litefocus.serve.denoiser import LoopStats, QueueFull, StepLoop, progress_stream
 
 logger = logging.getLogger(__name__)
 
 STEP_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 OCCUPANCY_BOUNDARIES = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 REPORT_EVERY_S = 0.5  # a busy denoiser sends its counters to the StatsBoard at most this often
+HEARTBEAT_S = 1.0  # an idle one sends them this often (a restarted board hears from every replica)
+STALE_S = 30.0  # a replica not heard from this long counts as dead (when Ray cannot be asked)
+REPLICA_PREFIX = "SERVE_REPLICA::"  # Ray Serve's replica actor names (ReplicaID.to_full_id_str)
 
 
 @serve.deployment(name="TextConditioner")
@@ -39,6 +47,9 @@ class TextConditioner:
     def __init__(self, engines: str, backend: str = "auto"):
         self.runtime = Runtime.load(engines, backend=backend, device="cpu")
         self.worker = _one_thread("litefocus-text")
+
+    def ping(self) -> bool:
+        return True
 
     async def encode(self, prompt: str, negative_prompt: str | None, guided: bool):
         encoder = await _run(self.worker, self.runtime.text_encoder)
@@ -53,6 +64,9 @@ class Decoder:
         self.runtime = Runtime.load(engines, backend=backend, device=device)
         self.worker = _one_thread("litefocus-decode")
 
+    def ping(self) -> bool:
+        return True
+
     async def decode(self, bucket: str, latents, seconds: float):
         # the bucket's primary entry holds its decode graph (opened once, on first use)
         entry = await _run(self.worker, self.runtime.open_entry, bucket, ("decode",))  # no UNet here
@@ -61,28 +75,70 @@ class Decoder:
 
 @serve.deployment(name="StatsBoard", num_replicas=1, ray_actor_options={"num_cpus": 0})
 class StatsBoard:
-    """Latest counters of every denoiser replica (replicas that died keep their last report)."""
+    """Counters of the denoiser replicas: the latest report of each live one (``live``) and the last
+    counters of those that died (``dead``, the ledger; a copy goes back to every reporting replica,
+    which sends it again with its next report: a restarted board gets it back). Lost: the counters
+    of a replica's last REPORT_EVERY_S before it died, and a death that the board learnt of less than
+    HEARTBEAT_S before the board itself died (no live replica had its copy of the ledger yet)."""
 
     def __init__(self):
-        self.reports: dict[str, dict] = {}
+        self.live: dict[str, dict] = {}
+        self.dead: dict[str, dict] = {}
 
-    def report(self, replica: str, bucket: str, counters: dict) -> None:
-        self.reports[replica] = {"bucket": bucket, "counters": counters, "time": time.time()}
+    def report(self, replica: str, bucket: str, counters: dict, ledger: dict | None = None) -> dict:
+        for rid, rep in (ledger or {}).items():
+            if rid not in self.live:
+                self.dead.setdefault(rid, rep)
+        self.dead.pop(replica, None)
+        self.live[replica] = {"bucket": bucket, "counters": counters, "time": time.monotonic()}
+        self._bury(_live_replicas())  # the ledger that goes back is current
+        return self.dead
 
     def snapshot(self) -> dict:
-        buckets: dict[str, dict] = {}
-        for rep in self.reports.values():
+        self._bury(_live_replicas())
+        return summarize(self.live, self.dead)
+
+    def _bury(self, alive: set[str] | None) -> None:
+        """Move the replicas that are gone (not among Ray's actors; or silent for STALE_S) to the ledger."""
+        now = time.monotonic()
+        for rid, rep in list(self.live.items()):
+            known = alive is not None and rid.startswith(REPLICA_PREFIX)
+            if (known and rid not in alive) or now - rep["time"] > STALE_S:
+                self.dead[rid] = {"bucket": rep["bucket"], "counters": rep["counters"]}
+                del self.live[rid]
+
+
+def summarize(live: dict, dead: dict) -> dict:
+    """``GET /v1/stats``: per bucket and in total, the counters of live and dead replicas summed;
+    ``replicas`` counts the live ones only."""
+    buckets: dict[str, dict] = {}
+    for reports, alive in ((live, True), (dead, False)):
+        for rep in reports.values():
             total = buckets.setdefault(rep["bucket"], {"replicas": 0})
-            total["replicas"] += 1
+            total["replicas"] += int(alive)
             for k, v in rep["counters"].items():
                 total[k] = total.get(k, 0) + v
-        overall: dict = {}
-        for b in buckets.values():
-            for k, v in b.items():
-                overall[k] = overall.get(k, 0) + v
-        for d in (*buckets.values(), overall):
-            d["occupancy"] = d["rows_used"] / d["rows_available"] if d.get("rows_available") else None
-        return {"buckets": buckets, "total": overall}
+    overall: dict = {"replicas": 0, **LoopStats().to_dict()}  # every counter, 0 before any report
+    for b in buckets.values():
+        for k, v in b.items():
+            overall[k] = overall.get(k, 0) + v
+    for d in (*buckets.values(), overall):
+        d["occupancy"] = d["rows_used"] / d["rows_available"] if d.get("rows_available") else None
+    return {"buckets": buckets, "total": overall}
+
+
+def _live_replicas() -> set[str] | None:
+    """The names of the Serve replica actors alive now (None when Ray cannot say)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():  # outside a cluster (tests): nothing to ask
+            return None
+        names = ray.util.list_named_actors(all_namespaces=True)
+    except Exception as e:  # noqa: BLE001 - stats are best effort
+        logger.warning("could not list the replicas: %s", e)
+        return None
+    return {a["name"] for a in names if a["name"].startswith(REPLICA_PREFIX)}
 
 
 @serve.deployment(name="Denoiser")
@@ -109,6 +165,11 @@ class Denoiser:
         self.replica = _replica_id()
         self._reported = 0.0
         self._report_task: asyncio.Task | None = None
+        self._ledger: dict = {}  # the board's ledger of dead replicas, sent back with each report
+        try:  # inside a replica: report every HEARTBEAT_S while idle too
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        except RuntimeError:  # no event loop (tests)
+            self._heartbeat = None
         tags = ("bucket",)
         self.m_queue = metrics.Gauge("litefocus_queue_depth", "requests waiting for a slot", tag_keys=tags)
         self.m_active = metrics.Gauge(
@@ -149,12 +210,23 @@ class Denoiser:
             return {"status": 422, "error": str(e), "field": "guidance"}
         return {"latents": slot.latents, "seed": slot.seed, "steps": slot.steps}
 
+    async def denoise_stream(self, cond, options):
+        """``denoise`` with progress, for ``handle.options(stream=True)`` (the jobs API,
+        ``litefocus.serve.jobs``): ``{"progress": {step, steps, queue_position}}`` items, then
+        ``denoise``'s dict. Cancelling the stream frees the request's slot at the next step boundary."""
+        async for item in progress_stream(lambda: self.denoise(cond, options)):
+            yield item
+
     def stats(self) -> dict:
         return {"bucket": self.bucket, "replica": self.replica, **self.loop.stats.to_dict()}
 
     def check_health(self) -> None:  # Ray Serve restarts a replica whose loop died
         if not self.loop.healthy():
             raise RuntimeError(f"the step loop of {self.bucket} stopped")
+
+    def ping(self) -> bool:
+        self.check_health()
+        return True
 
     def __del__(self):
         loop = getattr(self, "loop", None)
@@ -184,11 +256,26 @@ class Denoiser:
         self._reported = now
         counters = self.loop.stats.to_dict()
         try:
-            response = self.board.report.remote(self.replica, self.bucket, counters)
+            response = self.board.report.remote(self.replica, self.bucket, counters, self._ledger)
         except Exception as e:  # noqa: BLE001 - stats are best effort, serving goes on
             logger.warning("could not report stats: %s", e)
             return
-        self._report_task = asyncio.ensure_future(_settle(response))
+        self._report_task = asyncio.ensure_future(self._settle(response))
+
+    async def _settle(self, response) -> None:
+        try:
+            ledger = await response
+        except Exception as e:  # noqa: BLE001
+            logger.debug("stats report failed: %s", e)
+            return
+        if isinstance(ledger, dict):
+            self._ledger = ledger
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if time.monotonic() - self._reported >= HEARTBEAT_S:
+                self._report(force=True)
 
 
 def _one_thread(name: str) -> ThreadPoolExecutor:
@@ -201,15 +288,8 @@ async def _run(executor: ThreadPoolExecutor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
-async def _settle(response) -> None:
-    try:
-        await response
-    except Exception as e:  # noqa: BLE001
-        logger.debug("stats report failed: %s", e)
-
-
 def _replica_id() -> str:
     try:
-        return serve.get_replica_context().replica_id.unique_id
+        return serve.get_replica_context().replica_id.to_full_id_str()  # its actor's name
     except Exception:  # noqa: BLE001 - outside a replica (tests)
         return f"local-{id(object())}"

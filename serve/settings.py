@@ -84,10 +84,19 @@ class ServeSettings:
     timeout_s: float = 600.0  # per request, conditioning to waveform (then 504)
     max_steps: int = 1000
     max_body_bytes: int = 1 << 20  # larger bodies get 413
+    # ---- the ingress protects itself (per ingress replica; see README "Serve at scale") ----
+    body_timeout_s: float = 10.0  # a request body must arrive within this (then 408)
+    max_body_readers: int = 64  # bodies read at once; a new request evicts the slowest, else 503
+    max_inflight: int = 256  # generate requests past their body at once (then 503 + Retry-After)
+    ingress_reserve: int = 64  # ingress slots kept for /healthz, /v1/stats, /v1/engines
+    docs: bool = False  # serve /docs, /redoc and /openapi.json
     denoiser_gpus: float | None = None  # per denoiser replica (default: 1 with device cuda, else 0)
     decoder_gpus: float = 0.0  # > 0: the decoder runs on the GPU too (share it: e.g. 0.5 + 0.5)
     scaling: dict = field(default_factory=dict)  # kind -> Scaling
     cpus: dict = field(default_factory=dict)  # kind -> CPUs reserved per replica
+    # kind -> {Ray custom resource: amount per replica}: pins a kind to the nodes that offer it
+    # (e.g. ray start --resources '{"denoiser_node": 1}' and {"denoiser": {"denoiser_node": 1}})
+    resources: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.engines, str) or not self.engines:
@@ -101,6 +110,11 @@ class ServeSettings:
         _int("queue_size", self.queue_size, 1)
         _int("max_steps", self.max_steps, 1)
         _int("max_body_bytes", self.max_body_bytes, 1024)
+        object.__setattr__(self, "body_timeout_s", _number("body_timeout_s", self.body_timeout_s, above=0))
+        for name in ("max_body_readers", "max_inflight", "ingress_reserve"):
+            _int(name, getattr(self, name), 1)
+        if not isinstance(self.docs, bool):
+            raise ValueError(f"docs must be true or false, got {self.docs!r}")
         object.__setattr__(self, "timeout_s", _number("timeout_s", self.timeout_s, above=0))
         gpus = self.denoiser_gpus
         if gpus is None:
@@ -121,12 +135,21 @@ class ServeSettings:
             _kind("cpus", kind)
             cpus[kind] = _number(f"cpus.{kind}", value, low=0)
         object.__setattr__(self, "cpus", cpus)
+        resources = {}
+        for kind, value in (self.resources or {}).items():
+            _kind("resources", kind)
+            resources[kind] = _resources(f"resources.{kind}", value)
+        object.__setattr__(self, "resources", resources)
 
     def scaling_of(self, kind: str) -> Scaling:
         return self.scaling.get(kind, Scaling())
 
     def cpus_of(self, kind: str) -> float:
         return self.cpus.get(kind, DEFAULT_CPUS[kind])
+
+    def resources_of(self, kind: str) -> dict:
+        """Ray custom resources per replica of ``kind`` (``ray_actor_options["resources"]``)."""
+        return dict(self.resources.get(kind, {}))
 
     @classmethod
     def from_args(cls, args: dict) -> ServeSettings:
@@ -153,6 +176,25 @@ class ServeSettings:
 def _kind(what: str, kind) -> None:
     if kind not in KINDS:
         raise ValueError(f"{what}: unknown deployment {kind!r}; choose from {', '.join(KINDS)}")
+
+
+RAY_BUILTIN = ("CPU", "GPU", "memory", "object_store_memory")  # set by cpus / gpus, not resources
+
+
+def _resources(where: str, value) -> dict:
+    if not isinstance(value, dict) or not value:
+        raise ValueError(f"{where} must map resource names to amounts, e.g. {{'denoiser_node': 1}}")
+    out = {}
+    for name, amount in value.items():
+        if not isinstance(name, str) or not name.strip() or name in RAY_BUILTIN:
+            raise ValueError(
+                f"{where}: {name!r} is not a custom resource name; CPUs and GPUs are set by cpus and *_gpus"
+            )
+        amount = _number(f"{where}.{name}", amount, above=0)
+        if amount > 1 and not amount.is_integer():
+            raise ValueError(f"{where}.{name} = {amount:g}: Ray takes amounts above 1 as whole numbers")
+        out[name] = amount
+    return out
 
 
 def _int(name: str, value, low: int) -> int:

@@ -75,7 +75,10 @@ def start_cluster(port: int) -> None:
     import ray
     from ray import serve
 
+    from litefocus.serve.proxy import CALLBACK, CALLBACK_ENV
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ[CALLBACK_ENV] = CALLBACK  # the proxy's own errors in JSON too (its actor inherits it)
     ray.init(
         address="local",  # a new cluster, whatever another one left in /tmp/ray
         num_cpus=4,

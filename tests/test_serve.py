@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import requests
 import soundfile as sf
 import yaml
 from serve_helpers import (
@@ -26,15 +28,24 @@ from serve_helpers import (
     stop_cluster,
 )
 
+from litefocus.bench.soak import SlowBodyFlood
 from litefocus.export.pipeline import ExportOptions, export_engines
 from litefocus.runtime import GenerateOptions, Runtime
 from litefocus.serve import cli as serve_cli
 from litefocus.serve.denoiser import QueueFull
+from litefocus.serve.deployments import HEARTBEAT_S
 from litefocus.serve.settings import ServeSettings
 from tiny_models import T5_MAX_LENGTH, save_tiny_pipeline
 
 SECONDS = 1.0  # one bucket (1.28 s exact); requests ask for 0.3 .. 1.28 s
-SERVER = {"queue_size": 8, "timeout_s": 5.0, "cpus": {"text": 0.5, "decoder": 0.5, "denoiser": 1.0}}
+SERVER = {
+    "queue_size": 8,
+    "timeout_s": 5.0,
+    "cpus": {"text": 0.5, "decoder": 0.5, "denoiser": 1.0},
+    "body_timeout_s": 4.0,  # the slow-body flood: small numbers for CI
+    "max_body_readers": 16,
+    "max_inflight": 32,
+}
 TOL = 1e-4
 LONG = 999  # steps: the most DDIM takes here; seconds per request at any speed
 
@@ -265,7 +276,11 @@ BAD = [  # body, status, field
         {
             "seconds": 1,
             "steps": 1000,
-            "conditioning": {"gpt2": [[[0.0] * 4] * 8] * 2, "t5": [[[0.0] * 4] * 3] * 2, "t5_mask": [[1] * 3] * 2},
+            "conditioning": {
+                "gpt2": [[[0.0] * 4] * 8] * 2,
+                "t5": [[[0.0] * 4] * 3] * 2,
+                "t5_mask": [[1] * 3] * 2,
+            },
         },
         422,
         "steps",
@@ -411,6 +426,105 @@ def test_the_serving_benchmark_records_rows(server, engines, tmp_path):
     )
 
 
+def _conditioning(value: float = 0.0, mask: int = 1) -> dict:
+    return {
+        "seconds": 1,
+        "steps": 2,
+        "conditioning": {
+            "gpt2": [[[value] * 4] * 8] * 2,
+            "t5": [[[0.0] * 4] * 3] * 2,
+            "t5_mask": [[1, 1, mask]] * 2,
+        },
+    }
+
+
+def _hostile_bodies() -> list:
+    """Bodies that gave plain-text 500s, a JSON TypeError or NaN audio (issue 31, defect 5); fresh
+    sizes each run: nesting past the depth limit, integers past Python's 4300 digits, ..."""
+    depth, digits = random.randint(20, 100_000), random.randint(4301, 20_000)  # under 1 MiB
+    big = random.randint(2**31, 2**62)
+    return [  # body, status, field
+        (b"[" * depth + b"]" * depth, 400, "body"),
+        (b'{"a": ' * depth + b"1" + b"}" * depth, 400, "body"),
+        (b'{"prompt": "rain", "seconds": 1, "seed": ' + b"7" * digits + b"}", 400, "body"),
+        (b'{"prompt": "rain", "seconds": NaN}', 400, "body"),
+        (b'{"prompt": "rain", "seconds": 1e999}', 400, "body"),
+        (b'{"prompt": "\\ud800 rain", "seconds": 1}', 422, "prompt"),
+        (b'{"prompt": "rain", "seconds": 1, "negative_prompt": "\\udfff"}', 422, "negative_prompt"),
+        ({"prompt": "rain", "seconds": 1, "steps": 2, "guidance": 1e308}, 422, "guidance"),
+        ({"prompt": "rain", "seconds": 1e-300, "steps": 2}, 422, "seconds"),
+        (_conditioning(mask=big), 422, "conditioning"),
+        (_conditioning(value=3e38), 422, "conditioning"),
+    ]
+
+
+def test_hostile_bodies_are_one_line_json_errors(server):
+    for body, status, field in _hostile_bodies():
+        assert_json_error(server.generate(body), status, field)
+
+
+def test_routes_and_methods_that_do_not_exist_and_the_docs_are_json_404_405(server):
+    for method, path, status in [
+        ("GET", "/no/such/route", 404),
+        ("GET", "/v1/generate", 405),
+        ("DELETE", "/healthz", 405),
+        ("GET", "/docs", 404),  # the docs and the schema only with --docs
+        ("GET", "/redoc", 404),
+        ("GET", "/openapi.json", 404),
+    ]:
+        assert_json_error(requests.request(method, server.url + path, timeout=30), status)
+
+
+def test_a_slow_body_flood_leaves_health_and_generate_working(server):
+    """300 connections sending their bodies a byte a second (the old ingress took ~264 requests at
+    once: /healthz and every generate request then timed out)."""
+    port = int(server.url.rsplit(":", 1)[1])
+    flood = SlowBodyFlood("127.0.0.1", port, 300).start()
+    body = {"prompt": "rain falls", "seconds": 0.5, "steps": 2, "format": "f32"}
+    generated: list = []
+
+    def generate():  # retried while the server answers 503 (busy): it must get through
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            r = server.generate(body, timeout=30)
+            generated.append(r.status_code)
+            if r.status_code != 503:
+                return
+            time.sleep(0.2)
+
+    try:
+        time.sleep(3)  # the flood is open
+        client = threading.Thread(target=generate)
+        client.start()
+        latencies = []
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            r = requests.get(f"{server.url}/healthz", timeout=10)
+            latencies.append(time.monotonic() - t0)
+            assert r.status_code == 200, r.text
+            time.sleep(0.5)
+        client.join(30)
+    finally:
+        flood.stop()
+    assert max(latencies) < 2.0, sorted(latencies)[-5:]
+    assert generated and generated[-1] == 200, generated
+    assert flood.opened >= 300 and set(flood.statuses) & {"408", "503"}, (flood.opened, flood.statuses)
+
+
+def _poll(url: str, path: str, seconds: float = 60.0, until=lambda status, body: status == 200, wait=10):
+    """GET until ``until(status, body)`` (or the time is up): every answer on the way (status, JSON)."""
+    seen, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        r = requests.get(url + path, timeout=wait)
+        assert r.headers["content-type"].startswith("application/json"), r.text[:200]
+        seen.append((r.status_code, r.json()))
+        if until(*seen[-1]):
+            break
+        time.sleep(0.2)
+    return seen
+
+
 def test_a_killed_denoiser_fails_its_request_cleanly_and_serving_goes_on(server):
     import ray
 
@@ -423,6 +537,8 @@ def test_a_killed_denoiser_fails_its_request_cleanly_and_serving_goes_on(server)
     server.wait_for(lambda s: s["steps"] > before.get("steps", 0), what="the request to run")
     ray.kill(ray.get_actor(name, namespace="serve"))
     thread.join(30)
+    down = _poll(server.url, "/healthz", until=lambda status, body: status == 503)  # until Serve restarts it
+    health = down + _poll(server.url, "/healthz")
     r = result["r"]
     assert "lost" in assert_json_error(r, 503)["error"] and r.headers["Retry-After"]
     end = time.monotonic() + 60  # Serve starts a new replica; the next requests succeed
@@ -434,3 +550,35 @@ def test_a_killed_denoiser_fails_its_request_cleanly_and_serving_goes_on(server)
         assert r.status_code in (503, 504)
         time.sleep(0.5)
     assert r.status_code == 200, r.text
+    assert health[-1][0] == 200, health[-1]
+    assert any(code == 503 and "denoiser 1p28s-fp32" in b["error"] for code, b in health), health
+    # /v1/stats: the one live replica, the dead one's counters kept (issue 31, defect 9)
+    stats = server.wait_for(
+        lambda s: s["replicas"] == 1 and s["completed"] > before["completed"], what="1 replica"
+    )
+    (board,) = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "StatsBoard" in a["name"]
+    ]
+    time.sleep(2 * HEARTBEAT_S)  # the live replica has its copy of the dead one's counters
+    ray.kill(ray.get_actor(board, namespace="serve"))  # the counters survive the board's restart
+    seen = []
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        seen = _poll(server.url, "/v1/stats")
+        total = seen[-1][1].get("total", {})
+        if seen[-1][0] == 200 and total.get("completed", 0) >= stats["completed"] and total["replicas"] == 1:
+            break
+        time.sleep(0.5)
+    assert seen[-1][0] == 200 and seen[-1][1]["total"]["completed"] >= stats["completed"], (stats, seen[-3:])
+    assert seen[-1][1]["total"]["admitted"] >= stats["admitted"] and seen[-1][1]["total"]["replicas"] == 1
+    # a killed ingress: the request it held and every answer until Serve restarted it are JSON
+    (ingress,) = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]
+    ]
+    thread = threading.Thread(target=lambda: result.__setitem__("r", server.generate(body)))
+    thread.start()
+    server.wait_for(lambda s: s["admitted"] > seen[-1][1]["total"]["admitted"], what="the request to run")
+    ray.kill(ray.get_actor(ingress, namespace="serve"))
+    thread.join(60)
+    assert_json_error(result["r"], 503)
+    assert _poll(server.url, "/healthz", wait=60)[-1][0] == 200  # the proxy holds it until a replica is up
