@@ -259,6 +259,12 @@ class OnnxRuntimeBackend:
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype) for s in self.contract.inputs
         }
         (out,) = run_session(self.contract.module, self.session.run, self.contract.output_names, feeds)
+        want = tuple(self.contract.outputs[0].shape)
+        if out.shape != want:  # ONNX Runtime checks outputs against the graph only: the graph may lie
+            raise RuntimeError(
+                f"the {self.contract.module} graph returned shape {out.shape[:8]}, its contract says {want}; "
+                "re-export with litefocus-export --force"
+            )
         return out.astype(np.float32, copy=False)
 
     @property

@@ -66,7 +66,8 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     """
     target, existing = writable_target(path)
     mode = mode if mode is not None else existing if existing is not None else NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # the name's start only (48 characters, at most 192 bytes): a name near the 255-byte limit fits too
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:48]}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)

@@ -93,3 +93,24 @@ def check_external_refs(model, graph_name: str, data_name: str | None, data_size
                 f"which has {data_size} (truncated?); {FIX}"
             )
     return count
+
+
+def data_extent(graph: bytes) -> int | None:
+    """How many bytes of its weights file the serialized ONNX ``graph`` reads (the largest offset +
+    length of its external tensors, 0 when none); None when it does not parse or a reference has no
+    valid range (``check_external_refs`` refuses those when the graph loads)."""
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(graph)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        return None
+    extent = 0
+    for t in model_tensors(model):
+        if _is_external(t):
+            info = {e.key: e.value for e in t.external_data}
+            try:
+                extent = max(extent, int(info.get("offset", 0)) + int(info["length"]))
+            except (KeyError, ValueError):
+                return None
+    return extent

@@ -40,6 +40,9 @@ class Pinned:
     def add(self, key: str, path: Path, fd: int, identity: tuple, data: bytes | None) -> None:
         self._files[key] = (path, fd, identity, data)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
     def path(self, key: str) -> Path:
         return self._files[key][0]
 
@@ -98,8 +101,32 @@ def _hash_fd(fd: int, keep: bool) -> tuple[str, bytes | None]:
     return h.hexdigest(), (b"".join(parts) if keep else None)
 
 
-def _pin_one(engine_dir: Path, key: str, kind: str, rec: dict, pinned: Pinned) -> str | None:
-    """Pin one file into ``pinned``; the problem, without the fix, when it does not verify."""
+# A weights file ends where its graph's last tensor does (litefocus-export writes them back to back);
+# a little slack for writers that pad. Capping it there refuses a huge file before a byte is hashed.
+DATA_SLACK = 1 << 16
+
+
+def _graph_limit(key: str, kinds: dict, records: dict, pinned: Pinned) -> tuple[int, str] | bool | None:
+    """For a weights file: (cap, why) from its graph's references, False to skip it (its graph failed
+    verification: hashing gigabytes would not make that better), None when nothing bounds it."""
+    if kinds.get(key, key) != "data":
+        return None
+    graph = key.removesuffix("data") + "onnx"
+    if graph not in records:
+        return None
+    if graph not in pinned:
+        return False
+    from litefocus.engine.onnx_refs import data_extent
+
+    extent = data_extent(pinned.data(graph) or b"")
+    return None if extent is None else (extent + DATA_SLACK, f"what its graph reads ({extent} bytes)")
+
+
+def _pin_one(
+    engine_dir: Path, key: str, kind: str, rec: dict, pinned: Pinned, limit: tuple[int, str] | None = None
+) -> str | None:
+    """Pin one file into ``pinned``; the problem, without the fix, when it does not verify. ``limit``:
+    a tighter (cap, reason) than the kind's."""
     try:
         path = mf.artifact_path(engine_dir, rec["path"])
     except mf.ManifestError as e:
@@ -117,6 +144,8 @@ def _pin_one(engine_dir: Path, key: str, kind: str, rec: dict, pinned: Pinned) -
             return f"{rec['path']} is not a regular file"
         if st.st_size > cap:
             return f"{rec['path']} has {st.st_size} bytes, above the {cap} a {kind} file may have"
+        if limit is not None and st.st_size > limit[0]:
+            return f"{rec['path']} has {st.st_size} bytes, more than {limit[1]}"
         if st.st_size != rec["bytes"]:
             return f"{rec['path']} has {st.st_size} bytes, the manifest says {rec['bytes']}"
         digest, data = _hash_fd(fd, keep=kind in KEEP)
@@ -134,10 +163,13 @@ def pin_files(engine_dir: Path, records: dict[str, dict], what: str, kinds: dict
     """Open and verify ``records`` ({key: file record}; ``kinds`` maps a key to its file kind, the key
     itself by default); ValueError (one line naming every problem and the fix) when any is missing,
     too large, of another size than recorded or of another hash. ``what`` names the engine."""
-    pinned, problems = Pinned(), []
-    try:
-        for key, rec in records.items():
-            problem = _pin_one(Path(engine_dir), key, (kinds or {}).get(key, key), rec, pinned)
+    pinned, problems, kinds = Pinned(), [], kinds or {}
+    try:  # graphs first: a weights file is capped by what its graph reads
+        for key, rec in sorted(records.items(), key=lambda kv: kinds.get(kv[0], kv[0]) != "onnx"):
+            limit = _graph_limit(key, kinds, records, pinned)
+            if limit is False:
+                continue
+            problem = _pin_one(Path(engine_dir), key, kinds.get(key, key), rec, pinned, limit)
             if problem:
                 problems.append(problem)
     except BaseException:

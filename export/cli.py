@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -27,6 +30,18 @@ logger = logging.getLogger("litefocus.export")
 
 class UsageError(Exception):
     pass
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so that the export's cleanup (scratch folders) runs;
+    ``args[0]`` is the signal number."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,6 +281,26 @@ def print_table(rows: list[dict], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0, 2 on bad input, 1 on a failed export, 130 on Ctrl-C, 143 on SIGTERM (129 on SIGHUP): one
+    line on stderr, never a traceback; an interrupted export discards what it had not finished."""
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can set handlers
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in TERMINATING} if main_thread else {}
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("litefocus-export: interrupted (Ctrl-C); unfinished engines were discarded", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        signum = e.args[0] if e.args else signal.SIGTERM
+        name = signal.Signals(signum).name
+        print(f"litefocus-export: terminated ({name}); unfinished engines were discarded", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     from litefocus.export.audit import AuditError
     from litefocus.export.gpu_form import resolve_gpu_ops
     from litefocus.export.pipeline import (
@@ -307,9 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, OSError) as e:  # the hub is unreachable, the disk is full, ...
         print(f"litefocus-export: export failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print_table(rows, opts.out)
-    if manifest.get("text") is not None:
-        print(f"text conditioning engine in {opts.out}/text/ (prompt -> UNet conditioning, no torch)")
+    try:
+        print_table(rows, opts.out)
+        if manifest.get("text") is not None:
+            print(f"text conditioning engine in {opts.out}/text/ (prompt -> UNet conditioning, no torch)")
+        sys.stdout.flush()
+    except BrokenPipeError:  # stdout closed early (| head): the engines are written all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,24 +24,29 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell repo
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that ``finally`` blocks and atomic_path's cleanup run."""
+    """SIGTERM (or SIGHUP: the terminal closed), raised in the main thread so that ``finally`` blocks
+    and atomic_path's cleanup run; ``args[0]`` is the signal number."""
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum)
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)  # by default they kill without cleanup: a temp WAV stays
 
 
 @contextlib.contextmanager
 def _sigterm_raises():
-    """While the block runs, SIGTERM raises Terminated (only the main thread can set handlers)."""
+    """While the block runs, SIGTERM and SIGHUP raise Terminated (only the main thread can set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in TERMINATING}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_output_path(path: Path) -> None:
+def check_output_path(path: Path, engines: Path | None = None) -> None:
     """Fail before the (long) generation when the WAV cannot be written there: a new path in an
-    existing, writable directory, or a writable regular file (never a FIFO, device or directory)."""
+    existing, writable directory, or a writable regular file (never a FIFO, device or directory),
+    outside the engine directory ``engines`` (a WAV there would replace an engine file or the
+    manifest, or make the directory foreign to litefocus-export --force)."""
     import tempfile
 
     if path.is_dir():
@@ -89,6 +97,10 @@ def check_output_path(path: Path) -> None:
         raise ValueError(
             f"-o {path}: directory {target.parent} does not exist; create it or choose another path"
         )
+    if engines is not None and engines.is_dir():
+        home, where = os.path.realpath(engines), os.path.realpath(target.parent)
+        if os.path.commonpath([home, where]) == home:
+            raise ValueError(f"-o {path} is inside the engine directory {engines}; write the WAV outside it")
     try:
         with tempfile.TemporaryFile(dir=target.parent):
             pass
@@ -97,7 +109,7 @@ def check_output_path(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 on success, 2 on bad input, 1 on a failed run, 130 on Ctrl-C, 143 on SIGTERM: always
+    """Exit 0 on success, 2 on bad input, 1 on a failed run, 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP:
     one line on stderr, never a traceback; the WAV is written whole or not at all."""
     try:
         with _sigterm_raises():
@@ -105,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return EXIT_SIGINT
-    except Terminated:
-        print(f"{PROG}: terminated (SIGTERM); nothing was written", file=sys.stderr)
-        return EXIT_SIGTERM
+    except Terminated as e:
+        signum = e.args[0] if e.args else signal.SIGTERM
+        print(f"{PROG}: terminated ({signal.Signals(signum).name}); nothing was written", file=sys.stderr)
+        return 128 + signum
 
 
 def _main(argv: list[str] | None) -> int:
@@ -122,7 +135,7 @@ def _main(argv: list[str] | None) -> int:
         check_prompt(args.prompt)
         if args.negative_prompt is not None:
             check_prompt(args.negative_prompt, "--negative-prompt")
-        check_output_path(args.output)
+        check_output_path(args.output, args.engines)
         if args.seed is not None and not 0 <= args.seed < 2**63:
             raise ValueError(f"--seed {args.seed} is out of range; use an integer in [0, 2**63)")
         options = GenerateOptions(
@@ -147,10 +160,14 @@ def _main(argv: list[str] | None) -> int:
         print(f"{PROG}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     times = ", ".join(f"{k} {v:.2f} s" for k, v in audio.timings.items())
-    print(
-        f"wrote {_shown(args.output)}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket "
-        f"{audio.bucket}, seed {audio.seed} ({times})"
-    )
+    try:
+        print(
+            f"wrote {_shown(args.output)}: {len(audio.waveform)} samples at {audio.sample_rate} Hz from bucket "
+            f"{audio.bucket}, seed {audio.seed} ({times})",
+            flush=True,
+        )
+    except BrokenPipeError:  # stdout closed early (| head): the WAV is written all the same
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
     return 0
 
 

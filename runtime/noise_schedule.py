@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# From an untrusted manifest: models train on 1000 timesteps; 10**9 would allocate gigabytes per request.
+MAX_TRAIN_TIMESTEPS = 100_000
 SPACINGS = ("leading", "linspace", "trailing")
 
 
@@ -59,8 +61,11 @@ class NoiseSchedule:
             )
         if self.timestep_spacing not in (None, *SPACINGS):
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r}: use one of {', '.join(SPACINGS)}")
-        if not (isinstance(self.num_train_timesteps, int) and self.num_train_timesteps > 1):
-            raise ValueError(f"num_train_timesteps must be an int > 1, got {self.num_train_timesteps!r}")
+        n = self.num_train_timesteps
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 < n <= MAX_TRAIN_TIMESTEPS):
+            raise ValueError(f"num_train_timesteps must be an int in [2, {MAX_TRAIN_TIMESTEPS}], got {n!r}")
+        if self.steps_offset >= n:  # every timestep would lie past the schedule
+            raise ValueError(f"steps_offset {self.steps_offset} must be below num_train_timesteps {n}")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ValueError(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
 

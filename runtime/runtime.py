@@ -115,6 +115,8 @@ class Runtime:
             for backend in self._backends.values():
                 backend.close()
             self._backends.clear()
+            if self._text is not None:  # a caller may still hold it (text_encoder()): it is closed too
+                self._text.close()
             self._text = None
 
     @contextlib.contextmanager

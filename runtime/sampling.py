@@ -51,11 +51,13 @@ class GenerateOptions:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
             raise ValueError(f"steps must be an int >= 1, got {s!r}")
         g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 1:
-            raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance), got {g!r}")
-        if g > MAX_GUIDANCE:
+        # comparisons, not math.isfinite / float(): an int past a float's range would raise OverflowError
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not g >= 1:
+            raise ValueError(f"guidance_scale must be a number >= 1 (1 = no guidance), got {g!r:.80}")
+        if not g <= MAX_GUIDANCE:
+            shown = f"{g:g}" if g < 1e300 else "inf" if g == math.inf else "(a huge number)"
             raise ValueError(
-                f"guidance_scale {g:g} is above the maximum {MAX_GUIDANCE:g}; use 1-20 (the default is 3.5)"
+                f"guidance_scale {shown} is above the maximum {MAX_GUIDANCE:g}; use 1-20 (the default is 3.5)"
             )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")

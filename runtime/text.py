@@ -136,7 +136,7 @@ class TextEncoder:
                 "%d tokens: %s",
                 warn,
                 max_length,
-                removed[:200],
+                _printable(removed[:200]),
             )
         return list(encoding.ids)
 
@@ -188,6 +188,11 @@ class TextEncoder:
         if session is None:
             raise RuntimeError("TextEncoder is closed")
         gpt2, t5 = run_session("conditioning", session.run, self.contract.output_names, feeds)
+        got, want = (gpt2.shape, t5.shape), tuple(tuple(o.shape) for o in self.contract.outputs)
+        if got != want:  # the graph's fault, not the request's: never a ValueError about conditioning
+            raise RuntimeError(
+                f"the conditioning graph returned shapes {got}, its contract says {want}; {FIX}"
+            )
         mask = feeds["t5_attention_mask"].astype(np.int32)
         rows = slice(None) if guided else slice(1, 2)
         return Conditioning(gpt2=gpt2[rows], t5=t5[rows], t5_mask=mask[rows])
@@ -226,6 +231,12 @@ def _guard(fn, what: str, error: type):
         raise error(f"{what} failed in the tokenizer ({type(e).__name__}: {first or 'no message'})") from None
 
 
+def _printable(text: str) -> str:
+    """``text`` for a log line: control characters (a newline forging a log line, a terminal escape)
+    as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _read_capped(path: Path) -> bytes:
     with open(path, "rb") as f:
         data = f.read(MAX_TOKENIZER_BYTES + 1)
@@ -236,11 +247,55 @@ def _read_capped(path: Path) -> bytes:
     return data
 
 
+# A piece may not lengthen the text much: a chain of expanding Replace normalizers ("a" -> "aaaaaaaaaa",
+# seven times) turns a 2000-character prompt into 2e10 characters, and the text thread never returns.
+MAX_INSERT_CHARS = 16  # Prepend's text, a regex Replace's content ("▁" and " " in real files)
+MAX_CHARSMAP_PIECE = 128  # bytes a Precompiled normalizer may map one character to (NFKC's longest is 33)
+
+
+def _charsmap_piece(blob: object) -> int:
+    """The longest replacement (bytes) in a Precompiled normalizer's charsmap (a u32 trie size, the
+    trie, then NUL-separated replacements); ValueError when it is not one."""
+    import base64
+    import binascii
+
+    try:
+        data = base64.b64decode(blob, validate=True) if isinstance(blob, str) else b""
+    except (binascii.Error, ValueError):
+        data = b""
+    trie = int.from_bytes(data[:4], "little") if len(data) >= 4 else -1
+    if trie < 0 or 4 + trie > len(data):
+        raise ValueError("a Precompiled normalizer's charsmap is not base64 of a sentencepiece charsmap")
+    return max(map(len, data[4 + trie :].split(b"\0")), default=0)
+
+
+def _expansion(node: dict) -> str | None:
+    """Why the piece ``node`` could blow a prompt up, or None."""
+    kind, pattern = node.get("type"), node.get("pattern")
+    if kind == "Replace":
+        content = node.get("content")
+        literal = pattern.get("String") if isinstance(pattern, dict) and "String" in pattern else None
+        regex = isinstance(pattern, dict) and "Regex" in pattern  # the allowed ones match 2+ characters
+        most = len(literal) if isinstance(literal, str) else 1 if regex else 0
+        if not isinstance(content, str) or len(content) > min(most, MAX_INSERT_CHARS):
+            return "a Replace whose content is longer than what it replaces"
+    if kind == "Prepend" and not (
+        isinstance(node.get("prepend"), str) and len(node["prepend"]) <= MAX_INSERT_CHARS
+    ):
+        return f"a Prepend of more than {MAX_INSERT_CHARS} characters"
+    if kind == "Precompiled" and _charsmap_piece(node.get("precompiled_charsmap")) > MAX_CHARSMAP_PIECE:
+        return f"a Precompiled charsmap that maps a character to more than {MAX_CHARSMAP_PIECE} bytes"
+    return None
+
+
 def _components(node, section: str):
-    """(section, type) of every typed piece under ``node`` and every regex pattern ("regex", pattern)."""
+    """(section, type) of every typed piece under ``node``, every regex pattern ("regex", pattern)
+    and every piece that lengthens text too much ("expansion", why)."""
     if isinstance(node, dict):
         if isinstance(node.get("type"), str):
             yield section, node["type"]
+            if (why := _expansion(node)) is not None:
+                yield "expansion", why
         if "Regex" in node:
             yield "regex", node["Regex"]
         for value in node.values():
@@ -260,9 +315,14 @@ def check_tokenizer_json(spec, name: str) -> None:
     found += _components(model, "model")
     for section in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         found += _components(spec.get(section), section)
+    precompiled = sum(1 for section, value in found if section == "normalizer" and value == "Precompiled")
+    if precompiled > 1:  # each one may lengthen the text: they would compound
+        found.append(("expansion", f"{precompiled} Precompiled normalizers"))
     for section, value in found:
+        if section == "expansion":
+            raise ValueError(f"{name}: {value} is not what litefocus-export writes; {FIX}")
         allowed = ALLOWED_REGEX if section == "regex" else ALLOWED_TYPES[section]
-        if value not in allowed:
+        if not isinstance(value, str) or value not in allowed:
             what = "regex pattern" if section == "regex" else f"{section} type"
             raise ValueError(
                 f"{name}: {what} {json.dumps(value)[:80]} is not one litefocus-export writes "

@@ -219,3 +219,54 @@ def test_a_directory_swapped_or_a_manifest_linked_during_the_export_is_refused(t
         with pytest.raises(RuntimeError, match="was replaced during the export"):
             lock.make_dir("0p32s-fp32")
     assert victim.read_text() == "mine" and os.listdir(out) == [".lock"]
+
+
+INTERRUPT = """
+import os, signal, sys, time
+from litefocus.export import cli, pipeline
+
+def interrupted(*args, **kwargs):
+    if sys.argv[1] == "INT":
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), getattr(signal, "SIG" + sys.argv[1]))
+    time.sleep(60)
+
+pipeline._module_stages = interrupted
+sys.exit(cli.main(["--seconds", "0.3", "--random-weights", "--preset", "tiny", "--out", sys.argv[2], "-q"]))
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143), ("HUP", 129)])
+def test_an_interrupted_export_exits_in_one_line_and_discards_its_scratch(tmp_path, sig, code):
+    """Audit: Ctrl-C during an export was a KeyboardInterrupt traceback, and SIGTERM killed it with its
+    scratch folder left behind; both exit in one line (130 / 143) with the scratch removed."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"out-{secrets.token_hex(4)}"
+    run = subprocess.run(
+        [sys.executable, "-c", INTERRUPT, sig, str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == code, run.stderr[-2000:]
+    lines = [x for x in run.stderr.splitlines() if x.startswith("litefocus-export")]
+    assert "Traceback" not in run.stderr and len(lines) == 1 and "discarded" in lines[0], run.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", mf.MANIFEST]
+    assert (out / ".lock").read_bytes() == b""
+
+
+def test_a_closed_stdout_after_the_export_is_no_traceback(tmp_path):
+    """Audit: with stdout closed early (``litefocus-export ... | head -c0``), printing the table was a
+    BrokenPipeError traceback and exit 1 although the engines were written; it exits 0 quietly."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"out-{secrets.token_hex(4)}"
+    args = ["--seconds", "0.3", "--random-weights", "--preset", "tiny", "--out", str(out), "-q"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "litefocus.export.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    child.stdout.close()  # the reader is gone before the table is printed
+    err = child.stderr.read().decode()
+    assert child.wait(300) == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    assert mf.read_manifest(out)["entries"]

@@ -132,6 +132,9 @@ def test_guidance_is_bounded(rng):
     for g in (MAX_GUIDANCE * (1 + rng.random()) + 1e-9, 1e308, float(10 ** int(rng.integers(3, 308)))):
         with pytest.raises(ValueError, match="guidance_scale .* is above the maximum 100"):
             GenerateOptions(guidance_scale=g)
+    # audit: an int past a float's range (JSON allows 4300 digits) was an OverflowError traceback
+    with pytest.raises(ValueError, match="guidance_scale .* is above the maximum 100"):
+        GenerateOptions(guidance_scale=10 ** int(rng.integers(309, 4000)))
 
 
 def test_conditioning_values_are_bounded(rng):
@@ -211,6 +214,33 @@ def test_fifo_output_is_refused_and_kept(engines, tmp_path, capsys):
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
 
 
+def test_output_inside_the_engine_directory_is_refused(engines, tmp_path, capsys, rng):
+    """Audit: -o at an engine file or the manifest replaced it with a WAV (the engine was gone), and a
+    new WAV beside them made the directory foreign to litefocus-export --force; also through a link."""
+    before = {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()}
+    files = sorted(before)
+    link = tmp_path / "engines-link"
+    link.symlink_to(engines)
+    picks = [files[int(rng.integers(len(files)))], engines / "manifest.json", engines / "new.wav"]
+    for out in [*picks, link / "manifest.json"]:
+        assert generate_cli.main([*cli_args(engines, out), "-q"]) == 2
+        assert "is inside the engine directory" in one_line(capsys.readouterr().err)
+    assert {p: p.read_bytes() for p in engines.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_name_near_the_length_limit_is_written(tmp_path, rng):
+    """Audit: the temporary name (".<name>.<random>.tmp") of a 250-byte file name passed the 255-byte
+    limit, so the WAV failed to write after the whole generation had run."""
+    from litefocus.engine.fileio import atomic_write_bytes
+
+    size = int(rng.integers(240, 256))
+    out = tmp_path / ("é" * ((size - 4) // 2) + "a" * ((size - 4) % 2) + ".wav")
+    assert len(os.fsencode(out.name)) == size
+    data = rng.bytes(64)
+    atomic_write_bytes(out, data)
+    assert out.read_bytes() == data and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
 def test_special_files_are_never_replaced(tmp_path):
     from litefocus.engine.fileio import writable_target
 
@@ -270,7 +300,12 @@ def start_long_generation(engines, out, err_path):
 
 
 @pytest.mark.parametrize(
-    "sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+    "sig, code, word",
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "terminated"),
+        (signal.SIGHUP, 129, "terminated (SIGHUP)"),  # audit: the terminal closed; killed with the temp WAV
+    ],
 )
 def test_signal_during_generation_exits_cleanly(engines, tmp_path, sig, code, word):
     out = tmp_path / "out.wav"
@@ -370,6 +405,7 @@ def test_close_while_a_generation_encodes_its_prompt(engines):
         assert release.wait(SIGNAL_WAIT_S)
         return encoder(*args, **kwargs)
 
+    cond = encoder("a dog barks", None, guided=True)  # for the call after close(), which closes the encoder
     runtime.text_encoder = lambda: paused_encoder
     result = {}
 
@@ -391,4 +427,31 @@ def test_close_while_a_generation_encodes_its_prompt(engines):
     assert "error" not in result, repr(result.get("error"))
     assert result["audio"].waveform.shape == (8000,)
     with pytest.raises(RuntimeError, match="the runtime was closed"):
-        runtime.generate_from_conditioning(encoder("a dog barks", None, guided=True), 0.5, **FAST)
+        runtime.generate_from_conditioning(cond, 0.5, **FAST)
+
+
+def test_engines_taken_from_a_closed_runtime_are_closed(engines):
+    """Audit: the text encoder taken from a runtime kept running (and holding its session) after
+    Runtime.close(); every engine handed out is closed with it."""
+    runtime = Runtime.load(engines, backend="onnxruntime")
+    encoder, entry = runtime.text_encoder(), runtime.open_entry(runtime.bucket_for(0.5))
+    runtime.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        encoder("a dog barks")
+    with pytest.raises(RuntimeError, match="closed"):
+        entry.unet({})
+    with pytest.raises(RuntimeError, match="the runtime was closed"):
+        runtime.generate("a dog barks", 0.5, **FAST)
+
+
+def test_a_closed_stdout_is_no_traceback(engines, tmp_path):
+    """Audit: with stdout closed early (``litefocus-generate ... | head -c0``), the final line was a
+    BrokenPipeError traceback and exit 1 although the WAV was written; it exits 0 quietly."""
+    out = tmp_path / f"{os.urandom(4).hex()}.wav"
+    args = [sys.executable, "-m", "litefocus.runtime.cli", *cli_args(engines, out), "-q"]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # the reader is gone before the line is printed
+    err = child.stderr.read().decode()
+    assert child.wait(SIGNAL_WAIT_S) == 0, err[-2000:]
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+    assert out.stat().st_size > 44

@@ -282,6 +282,36 @@ def test_a_huge_sparse_data_file_is_refused_before_hashing(pristine, tmp_path):
     _one_line(info.value)
 
 
+@pytest.mark.parametrize("module", ["unet", "decode"])
+def test_a_data_file_larger_than_its_graph_reads_is_refused_before_hashing(
+    pristine, tmp_path, monkeypatch, module
+):
+    """Audit: under the 16 GiB cap of a data file, a sparse 15 GiB one was hashed (~3 s a GiB here)
+    before it was refused; a weights file may not be larger than what its (verified) graph reads."""
+    from litefocus.engine import pinned
+
+    d, m = _copy(pristine, tmp_path)
+    data = d / ENTRY / f"{module}.onnx.data"
+    size = int(np.random.default_rng().integers(2, 15)) * 2**30
+    with open(data, "r+b") as f:
+        f.truncate(size)  # sparse: no disk used
+    m["entries"][ENTRY]["modules"][module]["files"]["data"].update(bytes=size, sha256="0" * 64)
+    _save(d, m)
+    real = pinned._hash_fd
+    hashed = []
+    monkeypatch.setattr(
+        pinned, "_hash_fd", lambda fd, keep: hashed.append(os.fstat(fd).st_size) or real(fd, keep)
+    )
+    with (
+        pytest.raises(
+            ValueError, match=rf"{module}.onnx.data has {size} bytes, more than what its graph reads"
+        ),
+        Runtime.load(d, backend="onnxruntime") as rt,
+    ):
+        rt.open_entry(ENTRY)
+    assert size not in hashed
+
+
 def test_pinning_checks_the_cap_before_reading(tmp_path, monkeypatch):
     from litefocus.engine import pinned
 
@@ -309,6 +339,13 @@ def _split(pattern: str):
     return {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
 
 
+def _charsmap(piece: bytes) -> str:
+    """A sentencepiece charsmap (u32 trie size, an empty trie, NUL-separated replacements) in base64."""
+    import base64
+
+    return base64.b64encode((0).to_bytes(4, "little") + piece + b"\0").decode()
+
+
 TOKENIZER_EDITS = {
     "backtracking-split": ("tokenizer_2.json", lambda s: s.update(
         pre_tokenizer={"type": "Sequence", "pretokenizers": [_split("(a+)+$"), s["pre_tokenizer"]]})),
@@ -319,6 +356,20 @@ TOKENIZER_EDITS = {
     "unknown-pre-tokenizer": ("tokenizer.json", lambda s: s.update(pre_tokenizer={"type": "UnicodeScripts"})),
     "wordpiece-model": ("tokenizer.json", lambda s: s["model"].update(type="WordPiece")),
     "not-json": ("tokenizer.json", None),
+    # audit: a pattern that is not a string, and pieces that lengthen the text (a chain of expanding
+    # Replace normalizers never returns on a 2000-character prompt; a huge Prepend costs seconds a prompt)
+    "regex-not-a-string": ("tokenizer_2.json", lambda s: s.update(
+        normalizer={"type": "Replace", "pattern": {"Regex": ["(a+)+$"]}, "content": " "})),
+    "model-type-not-a-string": ("tokenizer.json", lambda s: s["model"].update(type={"BPE": 1})),
+    "expanding-replace-chain": ("tokenizer_2.json", lambda s: s.update(normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Replace", "pattern": {"String": "a"}, "content": "a" * 10}] * 7})),
+    "expanding-decoder": ("tokenizer.json", lambda s: s.update(
+        decoder={"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 1000})),
+    "huge-prepend": ("tokenizer_2.json", lambda s: s.update(normalizer={"type": "Prepend", "prepend": "x" * 10**6})),
+    "precompiled-expanding": ("tokenizer_2.json", lambda s: s.update(normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Precompiled", "precompiled_charsmap": _charsmap(b"a" * 1000)}]})),
+    "precompiled-twice": ("tokenizer_2.json", lambda s: s.update(normalizer={"type": "Sequence", "normalizers": [
+        {"type": "Precompiled", "precompiled_charsmap": _charsmap(b"ab")}] * 2})),
 }  # fmt: skip
 
 
@@ -464,3 +515,97 @@ def test_a_gpt2_style_split_and_the_t5_normalizer_are_allowed(text_engines, tmp_
         assert enc("a  dog barks").t5.shape[0] == 2
     finally:
         enc.close()
+
+
+def test_a_graph_that_returns_another_shape_than_its_contract_is_one_runtime_error(tmp_path):
+    """Audit: a decode graph whose output is not the contract's shape (e.g. 7 samples instead of a
+    bucket's) gave short audio or an IndexError traceback; it is one RuntimeError line."""
+    rows = int(np.random.default_rng().integers(5, 50))
+    value = helper.make_tensor("c", TensorProto.FLOAT, [rows], [0.5] * rows)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["y"], value=value)],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows])],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    backend = OnnxRuntimeBackend(path, _GatherContract())
+    with pytest.raises(
+        RuntimeError, match=rf"returned shape \({rows},\), its contract says \(2, 3\)"
+    ) as info:
+        backend({"ids": np.array([0, 3])})
+    _one_line(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        ({"num_train_timesteps": 10**9}, "num_train_timesteps must be an int in"),
+        ({"steps_offset": 10**9}, "must be below num_train_timesteps"),
+    ],
+)
+def test_a_scheduler_config_that_would_exhaust_memory_or_crash_is_refused(pristine, tmp_path, change, word):
+    """Audit: num_train_timesteps = 1e9 in the manifest allocated gigabytes per request (the process was
+    killed), a steps_offset past the schedule was a StopIteration traceback; both refused at load."""
+    d, m = _copy(pristine, tmp_path)
+    m["scheduler"] = {**(m.get("scheduler") or {}), **change}
+    _save(d, m)
+    with pytest.raises(ValueError, match=word) as info:
+        Runtime.load(d).close()
+    _one_line(info.value)
+
+
+def test_a_text_graph_that_returns_other_shapes_is_one_runtime_error(text_engines, tmp_path):
+    """Audit: a conditioning graph whose outputs are not its contract's shapes was reported as the
+    request's bad conditioning (ValueError: a 400 in a service); it is the engine's RuntimeError."""
+    d, m = _copy(text_engines, tmp_path)
+    path = d / "text" / "conditioning.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    rows = int(np.random.default_rng().integers(3, 9))
+    outputs, nodes = [], []
+    for out in model.graph.output:
+        value = helper.make_tensor(out.name + "_c", TensorProto.FLOAT, [rows, 1, 1], [0.0] * rows)
+        nodes.append(helper.make_node("Constant", [], [out.name], value=value))
+        outputs.append(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, [rows, 1, 1]))
+    graph = helper.make_graph(nodes, "g", list(model.graph.input), outputs)
+    onnx.save(helper.make_model(graph, opset_imports=list(model.opset_import)), str(path))
+    (d / "text" / "conditioning.onnx.data").write_bytes(b"\0")  # it reads no weights
+    _rehash(m["text"]["files"]["onnx"], d)
+    _rehash(m["text"]["files"]["data"], d)
+    _save(d, m)
+    enc = TextEncoder.load(d)
+    try:
+        with pytest.raises(RuntimeError, match=rf"returned shapes \(\({rows}, 1, 1\)") as info:
+            enc("a dog barks")
+        _one_line(info.value)
+    finally:
+        enc.close()
+
+
+def test_a_truncated_prompt_is_logged_without_control_characters(text_engines, caplog):
+    """Audit: the truncation warning logged the cut-off prompt raw, so a prompt with a newline or a
+    terminal escape forged log lines (and recoloured the terminal); they are logged as escapes."""
+    enc = TextEncoder.load(text_engines)
+    forged = "\n\x1b[31mERROR forged line\x1b[0m\r"
+    try:
+        with caplog.at_level("WARNING"):
+            enc.tokenize("rain " * 40 + forged * 3)
+    finally:
+        enc.close()
+    logged = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert logged and all(not any(c in m for c in "\n\r\x1b") for m in logged), logged
+    assert any("\\x1b[31mERROR" in m for m in logged), logged
+
+
+def test_a_t5_normalizer_with_a_precompiled_charsmap_passes_the_check(text_engines):
+    """Real T5 files: Sequence[Precompiled (nmt_nfkc: its longest replacement is 33 bytes, U+FDFA),
+    Replace " {2,}" -> " "] is what the allowlist must keep accepting."""
+    from litefocus.runtime.text import check_tokenizer_json
+
+    spec = json.loads((text_engines / "text" / "tokenizer_2.json").read_text())
+    longest = "صلى الله عليه وسلم".encode()  # NFKC of U+FDFA
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Precompiled", "precompiled_charsmap": _charsmap(longest)},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]}  # fmt: skip
+    check_tokenizer_json(spec, "tokenizer_2.json")
