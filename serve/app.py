@@ -53,6 +53,8 @@ LOST = (RayActorError, DeploymentUnavailableError, ReplicaUnavailableError)
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500]
 HEALTH_TIMEOUT_S = 1.0  # /healthz waits at most this for the deployments' answers
 HEALTH_CACHE_S = 1.0  # and reuses an answer this long (a flood of /healthz costs one probe a second)
+WATCH_S = 2.0  # a running denoiser call is checked on this often
+LOST_PROBES = 2  # and given up (503) after this many failed probes in a row
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 api = FastAPI(title="litefocus", description="LiteFocus text-to-audio on Ray Serve")
@@ -258,8 +260,37 @@ class Ingress:
     async def _denoise(self, bucket: str, cond, options) -> dict:
         """The bucket's denoiser call. A replica lost under it is a 503 (Retry-After): the client
         retries, with the X-Seed it got for the same result, once Serve has restarted the replica."""
+        if f"denoiser {bucket}" in await self._not_running():  # e.g. its node is gone: 503 now, no wait
+            raise ApiError(
+                503,
+                f"the denoiser {bucket} has no replica that answers (its node lost?); retry shortly",
+                None,
+                {"Retry-After": "2"},
+            )
         call = denoise_call(self.denoisers[bucket], cond, options)  # a job's call streams its progress
-        return await self._call(call, f"denoiser {bucket}")
+        return await self._watched(self._call(call, f"denoiser {bucket}"), f"denoiser {bucket}")
+
+    async def _watched(self, call, name: str):
+        """``call``, answered 503 once ``name`` has failed LOST_PROBES probes in a row while it runs: a
+        request whose replica (or node) is lost under it ends in seconds, not at the timeout."""
+        task = asyncio.ensure_future(call)
+        misses = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=WATCH_S)
+                if done:
+                    return task.result()
+                misses = misses + 1 if name in await self._not_running() else 0
+                if misses >= LOST_PROBES:
+                    raise ApiError(
+                        503,
+                        f"the {name} replica was lost under this request; retry: Serve restarts it",
+                        None,
+                        {"Retry-After": "2"},
+                    )
+        finally:
+            if not task.done():
+                task.cancel()  # _call cancels the deployment call: the replica frees the slot
 
     # ---- readiness ---------------------------------------------------------------------------------
     async def _not_running(self) -> list[str]:

@@ -3,6 +3,12 @@
 litefocus-serve --engines engines                            # local Ray cluster, http://127.0.0.1:8000
 litefocus-serve --engines /shared/engines --address auto --device cuda --autoscale denoiser=1:4:8
 litefocus-serve --engines /shared/engines --write-config serve.yaml && serve deploy serve.yaml
+litefocus-serve --engines /shared/engines --address auto --resources denoiser=gpu_node:1  # pinned
+
+A local cluster gets every core; replicas without --cpus share them (at most 1 CPU each), and the
+command says "serving" only once every deployment runs: a cluster too small for the replicas is
+refused in one line before deploying (exit 1), as is one that cannot place them in --ready-timeout.
+Its Ray servers listen on loopback when --host does; Prometheus metrics only with --metrics.
 """
 
 from __future__ import annotations
@@ -337,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         {(n["NodeManagerAddress"], n.get("MetricsExportPort")) for n in ray.nodes() if n.get("Alive")}
     )
     metrics = ", ".join(f"http://{host}:{port}/metrics" for host, port in ports if port and port > 0)
-    if metrics:
+    if metrics and not loopback(args.host):
+        logger.warning("Prometheus metrics listen on every interface, unauthenticated: %s", metrics)
+    elif metrics:
         logger.info(
             "Prometheus metrics (Ray's and litefocus_*): %s; GET /v1/stats sums the denoisers", metrics
         )

@@ -44,7 +44,11 @@ def start_ray(address: str | None, num_cpus: int | None, metrics: bool) -> None:
     import ray
 
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        # a cluster on a loopback address (127.0.0.2, say) is on this machine: join as that node,
+        # or Ray takes the driver for a node of its own at the machine's outward address
+        host = address.rpartition(":")[0] if address.count(":") == 1 else ""
+        node_ip = {"_node_ip_address": host} if host and loopback(host) else {}
+        ray.init(address=address, logging_level=logging.WARNING, **node_ip)
         return
     # "local": a new cluster, even where an older one left its address behind
     ray.init(
