@@ -55,6 +55,8 @@ HEALTH_TIMEOUT_S = 1.0  # /healthz waits at most this for the deployments' answe
 HEALTH_CACHE_S = 1.0  # and reuses an answer this long (a flood of /healthz costs one probe a second)
 WATCH_S = 2.0  # a running denoiser call is checked on this often
 LOST_PROBES = 2  # and given up (503) after this many failed probes in a row
+STATS_S = 5.0  # GET /v1/stats waits this long for the board
+RETRY = {"Retry-After": "2"}
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 api = FastAPI(title="litefocus", description="LiteFocus text-to-audio on Ray Serve")
@@ -121,7 +123,12 @@ class Ingress:
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:
-        return await self._call(self.board.snapshot.remote(), "stats board")
+        try:  # a board that is being restarted: Serve would hold the call until it is back
+            return await asyncio.wait_for(self._call(self.board.snapshot.remote(), "stats board"), STATS_S)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                503, f"no answer from the stats board in {STATS_S:g} s; retry", None, RETRY
+            ) from None
 
     @api.post("/v1/generate")
     async def generate(self, request: Request):
@@ -262,10 +269,7 @@ class Ingress:
         retries, with the X-Seed it got for the same result, once Serve has restarted the replica."""
         if f"denoiser {bucket}" in await self._not_running():  # e.g. its node is gone: 503 now, no wait
             raise ApiError(
-                503,
-                f"the denoiser {bucket} has no replica that answers (its node lost?); retry shortly",
-                None,
-                {"Retry-After": "2"},
+                503, f"the denoiser {bucket} has no replica that answers; retry shortly", None, RETRY
             )
         call = denoise_call(self.denoisers[bucket], cond, options)  # a job's call streams its progress
         return await self._watched(self._call(call, f"denoiser {bucket}"), f"denoiser {bucket}")
@@ -282,12 +286,7 @@ class Ingress:
                     return task.result()
                 misses = misses + 1 if name in await self._not_running() else 0
                 if misses >= LOST_PROBES:
-                    raise ApiError(
-                        503,
-                        f"the {name} replica was lost under this request; retry: Serve restarts it",
-                        None,
-                        {"Retry-After": "2"},
-                    )
+                    raise ApiError(503, f"the {name} replica was lost under this request; retry", None, RETRY)
         finally:
             if not task.done():
                 task.cancel()  # _call cancels the deployment call: the replica frees the slot

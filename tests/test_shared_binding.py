@@ -33,6 +33,7 @@ def _session_and_contract():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     contract = SimpleNamespace(
+        module="unet",
         inputs=(TensorSpec("sample", SHAPE, "float32"), TensorSpec("cond", SHAPE, "float32")),
         outputs=(TensorSpec("out", SHAPE, "float32"),),
     )
