@@ -300,3 +300,30 @@ def save_tiny_pipeline(path, seed: int = 0, gpt2_positions: int | None = None):
     pipe = make_tiny_pipeline(seed, gpt2_positions)
     pipe.save_pretrained(path)
     return pipe
+
+
+def tiny_decode_onnx(path, contract) -> None:
+    import numpy as np
+
+    """latent -> flatten -> tile 5x = a waveform of the contract's length (640 samples per frame)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    (latent,), (wave,) = contract.inputs, contract.outputs
+    repeats = wave.shape[1] // int(np.prod(latent.shape))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["latent", "flat_shape"], ["flat"]),
+            helper.make_node("Tile", ["flat", "repeats"], ["waveform"]),
+        ],
+        "tiny_decode",
+        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, latent.shape)],
+        [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, wave.shape)],
+        initializer=[
+            helper.make_tensor("flat_shape", TensorProto.INT64, [2], [1, -1]),
+            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, repeats]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)

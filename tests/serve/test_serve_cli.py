@@ -195,7 +195,7 @@ def test_the_ray_floor_is_a_tested_version_with_token_auth():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     (spec,) = re.findall(r'^serve = \["(ray\[serve\][^"]*)"', text, re.M)
     ray_req = Requirement(spec)
     floors = [Version(s.version) for s in ray_req.specifier if s.operator == ">="]

@@ -218,7 +218,7 @@ def test_the_gpu_checks_provider_comparison_runs_every_fp32_graph_on_its_contrac
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "gpu"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "gpu"))
     try:
         from provider_check import VARIANTS, compare_providers
     finally:

@@ -23,6 +23,7 @@ from litefocus.export.tensorrt_build import (
     profile_shapes,
     require_tensorrt,
 )
+from tiny_models import tiny_decode_onnx
 
 UNET = UNetContract(bucket=Bucket.for_seconds(10), index_levels=((8, 20),))
 TINY_BUCKET = Bucket(seconds=0.32, frames=8)  # latent (1, 8, 8, 16) -> 5120 samples
@@ -433,31 +434,6 @@ def test_fake_build_checks_outputs_gpu_and_onnx_file(monkeypatch, tmp_path, onnx
 
 
 # ---------------------------------------------------------------- real TensorRT (never runs on CPU)
-
-
-def tiny_decode_onnx(path: Path, contract: DecodeContract) -> None:
-    """latent -> flatten -> tile 5x = a waveform of the contract's length (640 samples per frame)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    (latent,), (wave,) = contract.inputs, contract.outputs
-    repeats = wave.shape[1] // int(np.prod(latent.shape))
-    graph = helper.make_graph(
-        [
-            helper.make_node("Reshape", ["latent", "flat_shape"], ["flat"]),
-            helper.make_node("Tile", ["flat", "repeats"], ["waveform"]),
-        ],
-        "tiny_decode",
-        [helper.make_tensor_value_info("latent", TensorProto.FLOAT, latent.shape)],
-        [helper.make_tensor_value_info("waveform", TensorProto.FLOAT, wave.shape)],
-        initializer=[
-            helper.make_tensor("flat_shape", TensorProto.INT64, [2], [1, -1]),
-            helper.make_tensor("repeats", TensorProto.INT64, [2], [1, repeats]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
 
 
 @pytest.mark.tensorrt

@@ -33,7 +33,7 @@ from serve_helpers import (
 from litefocus.export.pipeline import ExportOptions, export_engines
 from tiny_models import T5_MAX_LENGTH, save_tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BROWSER = REPO / ".cache" / "browser"
 SERVER = {"queue_size": 8, "timeout_s": 5.0, "cpus": {"text": 0.5, "decoder": 0.5, "denoiser": 1.0}}
 FINAL = ("done", "failed", "cancelled", "lost")

@@ -21,7 +21,7 @@ from litefocus.bench.report import backend_label, render_comparison, render_mark
 from litefocus.bench.run import BenchOptions, Stopped, run_benchmark
 from litefocus.export.validate import compare, within_tolerance
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_plan_checks_out_and_fits_what_comes_back(tmp_path):
@@ -292,7 +292,7 @@ def test_profile_engine_rehearses_on_the_cpu(tmp_path):
         )
         == 0
     )
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "profile_engine.py"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "profile_engine.py"
     out = tmp_path / "out"
     args = ["--engines", str(engines), "--seconds", "5", "--device", "cpu", "--steps", "1", "--out", str(out)]
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)

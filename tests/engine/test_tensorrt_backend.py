@@ -609,10 +609,9 @@ def test_device_and_cuda_graph_arguments(monkeypatch, plan):
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_real_engine_matches_onnxruntime(tmp_path):
-    from test_tensorrt_build import tiny_decode_onnx
-
     from litefocus.engine.backends import OnnxRuntimeBackend
     from litefocus.export.tensorrt_build import BuildOptions, build_engine, current_target, engine_filename
+    from tiny_models import tiny_decode_onnx
 
     contract = DecodeContract(bucket=TINY_BUCKET)
     onnx_path = tmp_path / "decode.onnx"

@@ -32,7 +32,7 @@ from litefocus.engine.contract import DecodeContract
 
 CPU_BACKENDS = ("diffusers", "diffusers-compile", "litefocus", "litefocus-compile", "onnxruntime")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OLD_RECORD = Path(__file__).resolve().parents[1] / "bench" / "results" / "unet-cpu-20261127T205355Z.json"
+OLD_RECORD = Path(__file__).resolve().parents[2] / "bench" / "results" / "unet-cpu-20261127T205355Z.json"
 
 
 @pytest.fixture(scope="module")
