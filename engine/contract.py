@@ -50,7 +50,7 @@ GPU_CONTRIB_OPS = {  # the contrib ops each piece adds to a graph (MultiHeadAtte
 }
 
 DEFAULT_TEXT_LEN = 128  # Flan-T5 tokens, padded + masked
-__all__ = ["MAX_SECONDS", "SAMPLE_RATE", "Bucket", "LiteFocusConfig"]  # re-exported for the runtime
+MODULES = ("unet", "decode")  # the exported modules of every bucket entry, in build order
 
 
 @dataclass(frozen=True)
