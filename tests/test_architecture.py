@@ -94,9 +94,15 @@ def test_imports_point_one_way():
     [
         (("runtime", "runtime/x.py:1", "litefocus.export.validate", ["x"], "export"), "runtime imports"),
         (("engine", "engine/x.py:1", "litefocus.installer", ["install"], "litefocus"), "engine imports"),
-        (("runtime", "runtime/x.py:1", "litefocus.models", ["unet_structure"], "litefocus"), "runtime imports"),
+        (
+            ("runtime", "runtime/x.py:1", "litefocus.models", ["unet_structure"], "litefocus"),
+            "runtime imports",
+        ),
         (("export", "export/x.py:1", "litefocus.engine.manifest", ["_short"], "engine"), "private _short"),
-        (("litefocus", "litefocus/x.py:1", "litefocus.engine.contract", ["X"], "engine"), "litefocus imports"),
+        (
+            ("litefocus", "litefocus/x.py:1", "litefocus.engine.contract", ["X"], "engine"),
+            "litefocus imports",
+        ),
         (("serve", "serve/x.py:1", "litefocus.export.pipeline", ["x"], "export"), "serve imports"),
         (("serve", "serve/x.py:1", "litefocus.installer", ["install"], "litefocus"), "serve imports"),
         (("runtime", "runtime/x.py:1", "litefocus.serve.app", ["build_app"], "serve"), "runtime imports"),
@@ -127,3 +133,186 @@ def test_a_missing_extra_is_one_line(capsys):
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "no_such_module_xyz not installed" in err and "pip install 'litefocus[export]'" in err
+
+
+# ---- one place per rule --------------------------------------------------------------------------
+SOURCE_FOLDERS = tuple(FOLDERS)  # the packages' folders (tests and scripts outside them are not sources)
+MAX_LINES = 400
+MAX_PARAMS = 6
+
+
+def source_files() -> list[Path]:
+    return sorted(p for folder in SOURCE_FOLDERS for p in (REPO / folder).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    """bench/probes/ab.py -> litefocus.bench.probes.ab; litefocus/config.py -> litefocus.config."""
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    if parts[0] != "litefocus":
+        parts.insert(0, "litefocus")
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    return names + [f"*{x.arg}" for x in (a.vararg, a.kwarg) if x is not None]
+
+
+def long_signatures(tree: ast.AST, where: str) -> list[str]:
+    return [
+        f"{where}:{n.lineno} {n.name} takes {len(_params(n))} parameters"
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(_params(n)) > MAX_PARAMS
+    ]
+
+
+def test_no_long_files_or_signatures_outside_tests():
+    problems = []
+    for path in source_files():
+        text = path.read_text()
+        where = str(path.relative_to(REPO))
+        if text.count("\n") > MAX_LINES:
+            problems.append(f"{where} has {text.count(chr(10))} lines (at most {MAX_LINES})")
+        problems += long_signatures(ast.parse(text), where)
+    assert problems == []
+
+
+def test_the_signature_check_counts_parameters():
+    tree = ast.parse("def f(self, a, b, c, d, e, f, g): ...\ndef ok(self, a, b, c, d, e, *rest): ...")
+    assert long_signatures(tree, "x.py") == ["x.py:1 f takes 7 parameters"]
+
+
+WRITES = {"write_text", "write_bytes", "dump", "atomic_path", "atomic_write_bytes", "replace", "rename"}
+
+
+def manifest_writers(tree: ast.AST, where: str) -> list[str]:
+    """Functions that name the manifest file and write something: the manifest's writers."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
+        strings = {n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        calls = {
+            c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", "")
+            for c in ast.walk(fn)
+            if isinstance(c, ast.Call)
+        }
+        if ("MANIFEST" in names or "manifest.json" in strings) and calls & WRITES:
+            found.append(f"{where}:{fn.name}")
+    return found
+
+
+def test_the_manifest_is_written_from_one_function():
+    writers = [w for p in source_files() for w in manifest_writers(ast.parse(p.read_text()), p.name)]
+    assert writers == ["writer.py:write_manifest"]
+
+
+def test_the_writer_check_sees_a_second_writer():
+    src = "def sneaky(d):\n    (d / MANIFEST).write_text('{}')\ndef reader(d):\n    return (d / MANIFEST).read_text()\n"
+    assert manifest_writers(ast.parse(src), "x.py") == ["x.py:sneaky"]
+
+
+def raw_module_lookups(tree: ast.AST, where: str) -> list[str]:
+    """``x["modules"]`` / ``x.get("modules")``: the manifest read as a raw dict."""
+    found = []
+    for n in ast.walk(tree):
+        key = None
+        if isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant):
+            key = n.slice.value
+        elif (
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get" and n.args
+        ):
+            key = getattr(n.args[0], "value", None)
+        if key == "modules":
+            found.append(f"{where}:{n.lineno}")
+    return found
+
+
+def test_only_engine_reads_the_raw_manifest_modules():
+    outside = [p for p in source_files() if p.relative_to(REPO).parts[0] != "engine"]
+    found = [
+        h for p in outside for h in raw_module_lookups(ast.parse(p.read_text()), str(p.relative_to(REPO)))
+    ]
+    assert found == []
+    assert raw_module_lookups(ast.parse('e["modules"]["unet"]\ne.get("modules")'), "x.py") == [
+        "x.py:1",
+        "x.py:2",
+    ]
+
+
+def import_graph(paths: list[Path]) -> dict[str, set[str]]:
+    """module -> the modules of the same tree it imports (lazy and TYPE_CHECKING imports included).
+    ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``;
+    a module's own parent packages are not edges (Python imports them first, whatever the code says)."""
+    known = {module_name(p): p for p in paths}
+    graph: dict[str, set[str]] = {m: set() for m in known}
+    for mod, path in known.items():
+        for _, target, names in imports(path):
+            for t in [f"{target}.{n}" for n in names if f"{target}.{n}" in known] or [target]:
+                if t in known and t != mod and not mod.startswith(t + "."):
+                    graph[mod].add(t)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+@pytest.mark.parametrize("folder", SOURCE_FOLDERS)
+def test_no_import_cycles_inside_a_package(folder):
+    paths = sorted((REPO / folder).rglob("*.py"))
+    assert cycles(import_graph(paths)) == []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_docstrings_say_what_not_which_issue():
+    import re
+
+    cited = []
+    for path in source_files():
+        tree = ast.parse(path.read_text())
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                if re.search(r"\bissues? ?#?\d", doc, re.IGNORECASE):
+                    cited.append(f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 1)}")
+    assert cited == []
