@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from litefocus.engine.tensorrt_backend import TensorRTNotInstalled
+from litefocus.engine.gpu_errors import TensorRTNotInstalled
 
 CUDA_HINT = (
     "cuda-python is not installed: run `pip install cuda-python` "

@@ -22,16 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from litefocus.engine.gpu_errors import TensorRTNotInstalled
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
     "TensorRT is not installed: run `pip install 'litefocus[gpu]'` (or `pip install tensorrt`); "
     "building and running engines also needs an NVIDIA CUDA GPU"
 )
-
-
-class TensorRTNotInstalled(RuntimeError):
-    """The ``tensorrt`` package cannot be imported; the message says how to install it."""
 
 
 def require_tensorrt():
