@@ -17,13 +17,14 @@ import os
 import platform
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from litefocus import LiteFocusConfig, litefocus_attention
+from litefocus import FocusSpec, LiteFocusConfig, litefocus_attention
 from litefocus.bench.measure import device_name, quantile, time_ms, write_json
 from litefocus.geometry import latent_frames, level_frames
 
@@ -32,34 +33,41 @@ logger = logging.getLogger(__name__)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
-def bench_one(
-    seconds: float,
-    *,
-    batch: int,
-    heads: int,
-    head_dim: int,
-    freq_bins: int,
-    ratio: float,
-    dtype: torch.dtype,
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    seed: int,
-) -> list[dict]:
+@dataclass(frozen=True)
+class AttentionCase:
+    """One timed attention call: the patched level's shapes at ``seconds`` of audio."""
+
+    seconds: float
+    dtype: torch.dtype
+    device: torch.device
+    warmup: int
+    repeats: int
+    batch: int = 2  # classifier-free guidance
+    heads: int = 8
+    head_dim: int = 32
+    freq_bins: int = 8  # AudioLDM2's 256-channel level
+    ratio: float = 0.1  # LiteFocus's sparse ratio: S = floor(ratio N)
+    seed: int = 0
+
+
+def bench_one(case: AttentionCase) -> list[dict]:
+    """Full SDPA and static LiteFocus on the same random q, k, v: one row each."""
+    seconds, batch, heads, head_dim = case.seconds, case.batch, case.heads, case.head_dim
+    freq_bins, dtype, device = case.freq_bins, case.dtype, case.device
     t_level = level_frames(latent_frames(seconds), 1)
     n = t_level * freq_bins
-    s = LiteFocusConfig(sparse_ratio=ratio).num_global(n)
-    g = torch.Generator().manual_seed(seed)
+    s = LiteFocusConfig(sparse_ratio=case.ratio).num_global(n)
+    g = torch.Generator().manual_seed(case.seed)
     q, k, v = (torch.randn(batch, heads, n, head_dim, generator=g).to(device, dtype) for _ in range(3))
     idx = torch.randperm(n, generator=g)[:s].to(device)
     methods = {
         "full_sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
-        "litefocus": lambda: litefocus_attention(q, k, v, freq_bins, idx),
+        "litefocus": lambda: litefocus_attention(q, k, v, FocusSpec(freq_bins), idx),
     }
     rows = []
     with torch.inference_mode():
         for method, fn in methods.items():
-            times = time_ms(fn, device, warmup, repeats)
+            times = time_ms(fn, device, case.warmup, case.repeats)
             rows.append(
                 {
                     "method": method,
@@ -75,8 +83,8 @@ def bench_one(
                     "ms_p50": statistics.median(times),
                     "ms_p10": quantile(times, 0.1),
                     "ms_p90": quantile(times, 0.9),
-                    "repeats": repeats,
-                    "warmup": warmup,
+                    "repeats": case.repeats,
+                    "warmup": case.warmup,
                     # attention FLOPs (QK^T and PV, 2 flops per MAC): N x keys-per-query x D x 4 per head
                     "gflop": 4
                     * batch
@@ -112,19 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for seconds in tqdm(args.seconds, desc="attention bench", disable=args.quiet):
-        rows += bench_one(
-            seconds,
-            batch=2,
-            heads=8,
-            head_dim=32,
-            freq_bins=8,
-            ratio=0.1,
-            dtype=dtype,
-            device=device,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            seed=0,
-        )
+        case = AttentionCase(seconds, dtype, device, warmup=args.warmup, repeats=args.repeats)
+        rows += bench_one(case)
         logger.info(
             "%6.1f s  N=%5d  full %8.1f ms  litefocus %7.1f ms  %.2fx",
             seconds,

@@ -25,7 +25,7 @@ import torch
 from litefocus.bench.targets import BACKENDS, ENGINE_BACKENDS
 from litefocus.engine.contract import GPU_OPS
 from litefocus.export.gpu_form import add_gpu_ops_argument, parse_gpu_ops
-from litefocus.runtime.sampling import SCHEDULERS
+from litefocus.runtime.options import SCHEDULERS
 
 logger = logging.getLogger("litefocus.bench")
 
@@ -180,7 +180,7 @@ def check_engines_dir(engines: Path) -> None:
 
 
 def options_from_args(args, command: str, engines: Path):
-    from litefocus.bench.run import BenchOptions
+    from litefocus.bench.options import BenchOptions
     from litefocus.config import LiteFocusConfig
     from litefocus.models import PRESETS, check_device, random_source
 
@@ -246,8 +246,9 @@ def _stop(signum, frame):
 
 
 def run_main(argv: list[str]) -> int:
+    from litefocus.bench.record import write_record
     from litefocus.bench.report import write_report
-    from litefocus.bench.run import Stopped, run_benchmark, write_record
+    from litefocus.bench.run import Stopped, run_benchmark
 
     p = build_run_parser()
     args = p.parse_args(argv)

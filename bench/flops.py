@@ -1,6 +1,6 @@
 """Analytic FLOPs of one AudioLDM2 UNet forward, with or without LiteFocus, from the module tree.
 
-    from bench.flops import unet_step_flops
+    from litefocus.bench.flops import unet_step_flops
     unet_step_flops(random_unet("audioldm2", device="meta"), Bucket.for_seconds(80))
 
 Nothing is run: the UNet is walked level by level (diffusers' AudioLDM2UNet2DConditionModel layout)

@@ -120,7 +120,7 @@ PHASES = {
         ),
         "PyTorch fp16: torch.compile (default mode, no CUDA graphs) at 80 s",
     ),
-    # since issue 13 the exported attention is fused (com.microsoft.MultiHeadAttention): 160 s after
+    # the exported attention is fused (com.microsoft.MultiHeadAttention): 160 s after
     # 80 s shows how the engine's step and decode grow with length on the CUDA EP
     "B": Phase(
         "B",
@@ -139,7 +139,7 @@ PHASES = {
         "the fp16 exports of the 80 and 160 s buckets (fused attention, validated against PyTorch on "
         "the CUDA EP), then ONNX Runtime CUDA EP with IO binding at 80 and 160 s",
     ),
-    # issue 30: the GPU graph form (export/gpu_form.py) against torch.compile with CUDA graphs, in one
+    # the GPU graph form (export/gpu_form.py) against torch.compile with CUDA graphs, in one
     # process: the engine with CUDA graphs on and off, decode per backend, 25-step DPM++ generations at 80
     # and 160 s; then the form's pieces one by one (each run exports its own engines), as ONNX Runtime's
     # Stable Diffusion ablation did. Every run repeats diffusers eager, so each ratio is in one process.
@@ -169,7 +169,7 @@ PHASES = {
             ablation("none"),
             ablation("nhwc"),
         ),
-        "issue 30: the GPU-form fp16 engine (CUDA graphs on and off) against litefocus-compile with CUDA "
+        "the GPU-form fp16 engine (CUDA graphs on and off) against litefocus-compile with CUDA "
         "graphs at 80 s, 25-step DPM++ generations at 80 and 160 s, and the form's pieces one by one",
         ("profile-cuda-80s.json",),  # bench/gpu/profile_engine.py on the 80 s engine, after the phase
     ),

@@ -8,8 +8,8 @@ exports (or reuses) the engine first, so the child only opens it.
 
     python -m litefocus.bench.isolated OPTIONS.json RECORD.json
 
-runs ``run_benchmark`` for the one (backend, bucket) of OPTIONS.json (written by ``run_isolated``) and
-writes its record to RECORD.json.
+measures the one (backend, bucket) of OPTIONS.json (written by ``run_isolated``) as ``bench/row.py``
+does in the parent's own process, and writes its record (the row, or why it was skipped) to RECORD.json.
 """
 
 from __future__ import annotations
@@ -23,10 +23,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+from litefocus.bench.options import BenchOptions
+from litefocus.bench.record import make_record, write_record
+from litefocus.bench.row import RunContext, measure_here, skipped_row
+from litefocus.bench.targets import (
+    ENGINE_BACKENDS,
+    TargetSpec,
+    Unavailable,
+    prepare_engines,
+    unavailable_reason,
+)
 from litefocus.buckets import Bucket
 
 
-def row_options(opts, backend: str, seconds: float):
+def row_options(opts: BenchOptions, backend: str, seconds: float) -> BenchOptions:
     """``opts`` narrowed to one row, run in-process by the child."""
     at = opts.generate_at
     return dataclasses.replace(
@@ -39,13 +49,13 @@ def row_options(opts, backend: str, seconds: float):
     )
 
 
-def run_isolated(opts, backend: str, bucket: Bucket, spec) -> tuple[list[dict], list[dict]]:
+def run_isolated(
+    opts: BenchOptions, backend: str, bucket: Bucket, spec: TargetSpec
+) -> tuple[list[dict], list[dict]]:
     """Measure (``backend``, ``bucket``) in a child process; returns its (rows, skipped).
 
     Raises ``Unavailable`` (as ``open_target`` does) before anything starts when the backend cannot
     run here; an engine is exported or reused here, in the parent."""
-    from litefocus.bench.targets import ENGINE_BACKENDS, Unavailable, prepare_engines, unavailable_reason
-
     reason = unavailable_reason(backend, spec.device)
     if reason:
         raise Unavailable(reason)
@@ -61,21 +71,31 @@ def run_isolated(opts, backend: str, bucket: Bucket, spec) -> tuple[list[dict], 
         if record.is_file():
             data = json.loads(record.read_text())
             return data["rows"], data["skipped"]
-    how = f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0 else f"exit {done.returncode}"
+    how = (
+        f"signal {signal.Signals(-done.returncode).name}"
+        if done.returncode < 0
+        else f"exit {done.returncode}"
+    )
     status = "oom" if done.returncode == -signal.SIGKILL else "failed"
     reason = f"the row's process ended ({how}) without a record"
     return [], [{"backend": backend, "seconds": bucket.seconds, "status": status, "reason": reason}]
 
 
 def main(argv: list[str]) -> int:
-    from litefocus.bench.run import BenchOptions, run_benchmark, write_record
-
     if len(argv) != 2:
         raise SystemExit("usage: python -m litefocus.bench.isolated OPTIONS.json RECORD.json")
     data = json.loads(Path(argv[0]).read_text())
     opts = BenchOptions.from_dict(data["options"], quiet=data["quiet"])
     logging.basicConfig(level=logging.WARNING if opts.quiet else logging.INFO, format="%(message)s")
-    write_record(run_benchmark(opts), Path(argv[1]))
+    ctx = RunContext.open(opts)
+    rows, skipped = [], []
+    for backend in opts.backends:  # one, with one bucket (row_options)
+        for bucket in (Bucket.for_seconds(s) for s in opts.seconds):
+            try:
+                rows.append(measure_here(ctx, backend, bucket))
+            except Exception as e:  # noqa: BLE001 - recorded as skipped, as in the parent
+                skipped.append(skipped_row(backend, bucket, e))
+    write_record(make_record(ctx, rows, skipped), Path(argv[1]))
     return 0
 
 

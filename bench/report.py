@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from litefocus.bench.run import ROW_FIELDS, SCHEMA_VERSION
+from litefocus.bench.record import ROW_FIELDS, SCHEMA_VERSION
 from litefocus.engine.fileio import atomic_path, atomic_write_bytes
 
 BASELINE = "diffusers"

@@ -1,5 +1,6 @@
 """The slow-body soak: ``litefocus-serve`` under a flood of connections that send their bodies one byte
-at a time, while /healthz is probed and valid generate requests run (issue 31, defect 1).
+at a time, while /healthz is probed and valid generate requests run: a server whose request bodies
+trickle in must still answer its health probe and serve the requests that arrive whole.
 
     python bench/soak.py --engines DIR --minutes 5            # 300 slow connections for 5 minutes
 

@@ -17,9 +17,10 @@ import torch
 
 from litefocus.bench.measure import PeakMemory, summarize_ms, time_ms
 from litefocus.bench.targets import Target
+from litefocus.runtime.loader import OpenEntry
 from litefocus.runtime.noise_schedule import NoiseSchedule
-from litefocus.runtime.runtime import OpenEntry, generate_audio
-from litefocus.runtime.sampling import Conditioning, GenerateOptions
+from litefocus.runtime.options import Conditioning, GenerateOptions
+from litefocus.runtime.runtime import generate_audio
 
 GUIDANCE_SCALE = 3.5  # AudioLDM2's default: the CFG pair runs as one batch-2 UNet call
 DECODE_FIELDS = ("decode_ms_p50", "decode_ms_all", "decode_peak_mem_mb", "decode_mem_delta_mb")

@@ -123,7 +123,8 @@ class Target:
         the runtime's per-step path (IO binding on ONNX Runtime: conditioning bound once, the
         latents copied in and the noise prediction copied out every call)."""
         if self.module is None:
-            from litefocus.runtime.sampling import Conditioning, UNetCall
+            from litefocus.runtime.options import Conditioning
+            from litefocus.runtime.sampling import UNetCall
 
             feeds = {k: v.numpy() for k, v in inputs.items()}
             cond = Conditioning(
@@ -170,9 +171,9 @@ def open_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchMod
 
 
 def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchModels) -> Target:
-    from litefocus.engine.backends import TorchBackend
     from litefocus.export.decode import DecodeModule
     from litefocus.export.onnx_export import UNetExportModule, unet_contract_for
+    from litefocus.export.torch_backend import TorchBackend
 
     unet, vae, vocoder = models.get()
     config = spec.litefocus if uses_litefocus(backend) else None
@@ -209,7 +210,8 @@ def _torch_target(backend: str, bucket: Bucket, spec: TargetSpec, models: TorchM
 
 def prepare_engines(backend: str, bucket: Bucket, spec: TargetSpec) -> None:
     """Export (or reuse, by cache key) the bucket's engine in ``spec.engines``."""
-    from litefocus.export.pipeline import ExportOptions, export_engines
+    from litefocus.export.build import export_engines
+    from litefocus.export.plan import ExportOptions
     from litefocus.models import parse_random_source
 
     random_preset, weights_seed, model = None, 0, spec.source
@@ -221,7 +223,7 @@ def prepare_engines(backend: str, bucket: Bucket, spec: TargetSpec) -> None:
         model=model,
         random_preset=random_preset,
         weights_seed=weights_seed,
-        backend="tensorrt" if backend == "tensorrt" else "onnx",
+        backend="tensorrt" if backend == "tensorrt" else "onnxruntime",
         precision=spec.precision,
         batches=(spec.batch,),
         text_len=spec.text_len,
@@ -262,15 +264,18 @@ def _engine_target(backend: str, bucket: Bucket, spec: TargetSpec) -> Target:
     except BaseException:
         runtime.close()
         raise
-    modules = runtime.manifest["entries"][name]["modules"]
+    modules = runtime.entries[name].modules
     extra = {
-        "gpu_ops": {m: modules[m].get("gpu_ops", []) for m in ("unet", "decode")},
+        "gpu_ops": {m: list(modules[m].gpu_ops) for m in ("unet", "decode")},
         "cuda_graph": cuda_graph,
         # the export's own check of these graphs against PyTorch (max error / output RMS)
         "validation": {
-            m: {"provider": modules[m]["validation"]["provider"], **modules[m]["validation"]["outputs"]}
+            m: {
+                "provider": modules[m].raw["validation"]["provider"],
+                **modules[m].raw["validation"]["outputs"],
+            }
             for m in ("unet", "decode")
-        }
+        },
     }
     target = Target(
         backend, contract, decode_contract, unet=unet, decode=decode, provider=provider, extra=extra

@@ -1,1 +1,2 @@
-"""litefocus.engine: the engine directory format and the backends that run one UNet call (issue 3/4)."""
+"""litefocus.engine: the engine directory format (manifest read and checked, its typed view, the
+contracts of every exported graph) and the torch-free backends that run one graph call."""

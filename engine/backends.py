@@ -2,14 +2,15 @@
 
 All take the contract's named numpy inputs and return the one output as float32 numpy, so the
 sampling loop does not know which one it drives. ``OnnxRuntimeBackend`` runs an exported graph (and
-``bind()`` keeps a request's buffers on the session's device); ``TorchBackend`` is the PyTorch
-reference (needs ``litefocus[export]``); TensorRT lives in ``tensorrt_backend``.
+``bind()`` keeps a request's buffers on the session's device); TensorRT lives in ``tensorrt_backend``
+and the PyTorch reference twin, which needs torch, in ``litefocus.export.torch_backend``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -107,36 +108,6 @@ def open_session(onnx_path: Path, providers: list, module: str, options=None):
     )
 
 
-class TorchBackend:
-    """The PyTorch reference: a module that takes the contract's inputs positionally
-    (UNetExportModule, DecodeModule). Needs torch (``litefocus[export]``).
-
-    Calls are serialized with ``lock``: the LiteFocus handle routes indices through state shared by
-    every module built on the same UNet, so pass those modules one shared lock.
-    """
-
-    name = "torch"
-
-    def __init__(self, module, contract, device: str = "cpu", lock=None):
-        self.module = module.eval()
-        self.contract = contract
-        self.device = device
-        self._lock = lock or threading.Lock()
-
-    def __call__(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        import torch
-
-        args = [
-            torch.from_numpy(np.ascontiguousarray(inputs[s.name], dtype=s.numpy_dtype)).to(self.device)
-            for s in self.contract.inputs
-        ]
-        with self._lock, torch.inference_mode():
-            return self.module(*args).float().cpu().numpy()
-
-    def close(self) -> None:
-        self.module = None
-
-
 def check_external_data(onnx_path: Path, data_path: Path | None, graph: bytes | None = None) -> None:
     """Refuse a graph with any tensor (initializers, sparse initializers, node attributes, subgraphs,
     functions: ``onnx_refs.model_tensors``) whose data lives anywhere but in ``data_path`` (its own,
@@ -172,20 +143,29 @@ def run_session(module: str, run, *args):
         ) from None
 
 
-def load_session(
-    onnx_path: Path,
-    contract,
-    device: str = "cpu",
-    data_path: Path | None = None,
-    cuda_graph: bool = False,
-    graph: bytes | None = None,
-):
-    """An ONNX Runtime session of an engine graph on ``device``, after its external-data references
-    are checked against ``data_path`` (an engine directory is untrusted); its inputs must be the
-    contract's. ``graph``: the graph file's bytes as hashed (the external-data check parses those).
-    ``cuda_graph``: captured and replayed by the CUDA EP (ONNX Runtime refuses a graph
-    with nodes outside the CUDA EP or Memcpy nodes; that refusal is the ValueError's line). Every
-    failure is one ValueError line naming the fix."""
+@dataclass(frozen=True)
+class GraphOptions:
+    """How one engine graph opens in ONNX Runtime.
+
+    ``device``: "cpu" or "cuda[:N]" (the CUDA EP of onnxruntime-gpu). ``data_path``: the graph's
+    external weights file; given it, the graph's external-data references are checked against it
+    before ONNX Runtime opens anything (an engine directory is untrusted). ``cuda_graph``: the CUDA
+    EP captures the graph once and replays it (ONNX Runtime refuses a graph with nodes outside the
+    CUDA EP or Memcpy nodes). ``graph``: the graph file's bytes as hashed (the external-data check
+    parses those, not a file that could have changed since)."""
+
+    device: str = "cpu"
+    data_path: Path | None = None
+    cuda_graph: bool = False
+    graph: bytes | None = field(default=None, repr=False)
+
+
+def load_session(onnx_path: Path, contract, options: GraphOptions | None = None):
+    """An ONNX Runtime session of an engine graph, opened as ``options`` say, whose inputs must be the
+    contract's. Every failure is one ValueError line naming the fix (a refused CUDA-graph capture:
+    ONNX Runtime's refusal is the line)."""
+    options = options if options is not None else GraphOptions()
+    device, data_path, cuda_graph = options.device, options.data_path, options.cuda_graph
     kind, index = parse_device(device)
     if cuda_graph and kind != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got device {device!r}; use --device cuda")
@@ -200,7 +180,7 @@ def load_session(
             "place of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu), or use --device cpu"
         )
     if data_path is not None:
-        check_external_data(onnx_path, Path(data_path), graph)
+        check_external_data(onnx_path, Path(data_path), options.graph)
     module = contract.module  # the contract's, outside the try: its absence is a bug, not a bad graph
     try:
         session = open_session(onnx_path, providers, module)
@@ -224,29 +204,17 @@ def load_session(
 
 
 class OnnxRuntimeBackend:
-    """An exported graph in ONNX Runtime, on ``device`` ("cpu" or "cuda[:N]", the CUDA EP of
-    onnxruntime-gpu). Calls are thread-safe.
-
-    ``data_path``: the graph's external weights file. Given it, the graph's external-data references
-    are checked against it before ONNX Runtime opens anything (an engine directory is untrusted)."""
+    """An exported graph in ONNX Runtime, opened as ``options`` say (see ``GraphOptions``: device,
+    weights file, CUDA-graph capture). Calls are thread-safe."""
 
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        onnx_path: Path,
-        contract,
-        device: str = "cpu",
-        data_path: Path | None = None,
-        cuda_graph: bool = False,
-        graph: bytes | None = None,
-    ):
+    def __init__(self, onnx_path: Path, contract, options: GraphOptions | None = None):
+        options = options if options is not None else GraphOptions()
         self.contract = contract
-        self.device = parse_device(device)
-        self.session = load_session(
-            onnx_path, contract, device, data_path, cuda_graph=cuda_graph, graph=graph
-        )
-        self.cuda_graph = cuda_graph
+        self.device = parse_device(options.device)
+        self.session = load_session(onnx_path, contract, options)
+        self.cuda_graph = options.cuda_graph
         self._graph_binding = None  # with CUDA graphs: the one binding every call replays through
         self._graph_lock = threading.Lock()
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, MAX_SECONDS, SAMPLE_RATE, Bucket
+from litefocus.buckets import LATENT_CHANNELS, LATENT_FREQ_BINS, Bucket
 from litefocus.config import LiteFocusConfig
 
 PRECISIONS = {"fp32": "float32", "fp16": "float16"}

@@ -18,8 +18,6 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from litefocus.engine.fileio import atomic_path
-
 SCHEMA_VERSION = (
     2  # 2: per-row timestep [B] and LiteFocus samples [B, layers, S]; several batch sizes per bucket
 )
@@ -37,18 +35,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def file_record(path: Path, entry: str) -> dict:
-    """{"path" (``<entry>/<file name>``, relative to the engine dir), "sha256", "bytes"} of one artifact.
-
-    Artifacts are written in a temporary folder that is renamed to ``entry``: the record names the
-    final place."""
-    return {
-        "path": f"{entry}/{path.name}",
-        "sha256": file_sha256(path),
-        "bytes": path.stat().st_size,
-    }
 
 
 def json_sha256(obj) -> str:
@@ -72,17 +58,6 @@ def library_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = None
     return out
-
-
-def new_manifest(model: dict, litefocus_config: dict | None) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": KIND,
-        "versions": library_versions(),
-        "model": model,
-        "litefocus": litefocus_config,
-        "entries": {},
-    }
 
 
 MAX_MANIFEST_BYTES = 16 * 2**20
@@ -271,12 +246,6 @@ def artifact_path(engine_dir: Path, rel: str) -> Path:
     if not path.resolve().is_relative_to(root):
         raise ManifestError(f"engine file path {_short(rel)} resolves outside the engine directory; {FIX}")
     return path
-
-
-def write_manifest(engine_dir: Path, manifest: dict) -> None:
-    """Atomic write: a reader sees the old manifest or the new one, never half of one."""
-    with atomic_path(Path(engine_dir) / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 GiB = 2**30

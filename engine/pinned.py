@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from litefocus.engine import manifest as mf
+from litefocus.engine.manifest import FIX, MAX_FILE_BYTES, ManifestError, artifact_path
 
 KEEP = (
     "onnx",
@@ -128,9 +128,9 @@ def _pin_one(
     """Pin one file into ``pinned``; the problem, without the fix, when it does not verify. ``limit``:
     a tighter (cap, reason) than the kind's."""
     try:
-        path = mf.artifact_path(engine_dir, rec["path"])
-    except mf.ManifestError as e:
-        return str(e).removesuffix(f"; {mf.FIX}")
+        path = artifact_path(engine_dir, rec["path"])
+    except ManifestError as e:
+        return str(e).removesuffix(f"; {FIX}")
     try:
         fd = _open_nofollow(Path(engine_dir), rec["path"])
     except FileNotFoundError:
@@ -139,7 +139,7 @@ def _pin_one(
         return f"{rec['path']} cannot be opened as a regular file ({e.strerror})"
     try:
         st = os.fstat(fd)
-        cap = mf.MAX_FILE_BYTES.get(kind, mf.MAX_FILE_BYTES["data"])
+        cap = MAX_FILE_BYTES.get(kind, MAX_FILE_BYTES["data"])
         if not stat.S_ISREG(st.st_mode):
             return f"{rec['path']} is not a regular file"
         if st.st_size > cap:
@@ -177,5 +177,5 @@ def pin_files(engine_dir: Path, records: dict[str, dict], what: str, kinds: dict
         raise
     if problems:
         pinned.close()
-        raise ValueError(f"{what} in {engine_dir} failed verification: {'; '.join(problems)}; {mf.FIX}")
+        raise ValueError(f"{what} in {engine_dir} failed verification: {'; '.join(problems)}; {FIX}")
     return pinned

@@ -111,7 +111,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 # Below this many input or output channels the Winograd transforms cost more than they save: the UNet's
-# conv_in (8 -> 128) and conv_out (128 -> 8) at 80 s took 2.4x the direct conv's time (bench/winograd.py).
+# conv_in (8 -> 128) and conv_out (128 -> 8) at 80 s took 2.4x the direct conv's time (bench/probes/winograd.py).
 MIN_WINOGRAD_CHANNELS = 32
 
 

@@ -9,7 +9,6 @@ exits 1; nothing half-written is left behind either way.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ import torch
 
 from litefocus.buckets import MAX_SECONDS, check_seconds
 from litefocus.config import LiteFocusConfig
+from litefocus.export.plan import BUILD_BACKENDS, ExportOptions
 from litefocus.models import PRESETS
 
 MAX_BATCH = 64  # UNet rows per call (32 guided requests): far past what one step holds at audio lengths
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("engines"), help="engine directory (default: ./engines)")
     p.add_argument(
         "--backend",
-        choices=["auto", "onnx", "tensorrt"],
+        choices=BUILD_BACKENDS,
         default="auto",
-        help="auto: TensorRT where it is installed and a GPU exists, else ONNX",
+        help="auto: TensorRT where it is installed and a GPU exists, else ONNX Runtime",
     )
     p.add_argument(
         "--attention",
@@ -165,9 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def options_from_args(args: argparse.Namespace):
-    from litefocus.export.pipeline import ExportOptions
-
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The request of ``args`` (UsageError naming the flag of a bad value); nothing is resolved here."""
     seconds = []
     for raw in args.seconds:
         try:
@@ -302,13 +301,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from litefocus.export.audit import AuditError
-    from litefocus.export.gpu_form import resolve_gpu_ops
-    from litefocus.export.pipeline import (
-        export_engines,
-        resolve_attention,
-        resolve_backend,
-        resolve_conv,
-    )
+    from litefocus.export.build import build_engines
+    from litefocus.export.plan import resolve_plan
     from litefocus.export.tensorrt_build import TensorRTNotInstalled
     from litefocus.export.validate import ValidationError
 
@@ -318,18 +312,8 @@ def _main(argv: list[str] | None) -> int:
         level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s"
     )
     try:
-        opts = options_from_args(args)
-        backend = resolve_backend(opts.backend)
-        opts = dataclasses.replace(
-            opts,
-            backend=backend,
-            attention=resolve_attention(opts.attention, backend),
-            conv=resolve_conv(opts.conv, backend, opts.device, opts.precision),
-        )
-        opts = dataclasses.replace(
-            opts, gpu_ops=resolve_gpu_ops(opts.gpu_ops, backend, opts.device, opts.conv, opts.attention)
-        )
-        manifest, rows = export_engines(opts)
+        plan = resolve_plan(options_from_args(args))
+        manifest, rows = build_engines(plan)
     except (UsageError, TensorRTNotInstalled) as e:
         print(f"litefocus-export: error: {e}", file=sys.stderr)
         return 2
@@ -343,9 +327,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"litefocus-export: export failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     try:
-        print_table(rows, opts.out)
+        print_table(rows, plan.out)
         if manifest.get("text") is not None:
-            print(f"text conditioning engine in {opts.out}/text/ (prompt -> UNet conditioning, no torch)")
+            print(f"text conditioning engine in {plan.out}/text/ (prompt -> UNet conditioning, no torch)")
         sys.stdout.flush()
     except BrokenPipeError:  # stdout closed early (| head): the engines are written all the same
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

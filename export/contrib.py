@@ -14,6 +14,8 @@ weight is [M, kH, kW, C / group]. GroupNorm's gamma and beta are float32 whateve
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx
 import torch
 import torch.nn.functional as F
@@ -64,82 +66,115 @@ def group_norm_nhwc_eager(x, gamma, beta, groups: int, eps: float, silu: bool) -
     return (F.silu(y) if silu else y).to(x.dtype)
 
 
+@dataclass(frozen=True)
+class GroupNormSpec:
+    """The non-tensor part of a (Skip)GroupNorm node: the norm's ``groups`` and ``eps``, SiLU after it
+    or not, and the output's static shape and ONNX dtype. It travels through ``apply`` as one object
+    (the exporter hands it to ``symbolic`` as it is)."""
+
+    groups: int
+    eps: float
+    silu: bool
+    shape: tuple[int, ...]
+    dtype: int
+
+    @classmethod
+    def of(cls, x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool) -> GroupNormSpec:
+        return cls(int(norm.num_groups), float(norm.eps), bool(silu), static_shape(x), onnx_dtype(x))
+
+    def attributes(self) -> dict:
+        """The node's attributes (ONNX Runtime's GroupNorm / SkipGroupNorm schema)."""
+        return {
+            "activation_i": int(self.silu),
+            "channels_last_i": 1,
+            "epsilon_f": self.eps,
+            "groups_i": self.groups,
+        }
+
+
 class _GroupNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gamma, beta, groups: int, eps: float, silu: bool, shape: tuple, dtype: int):
-        return group_norm_nhwc_eager(x, gamma, beta, groups, eps, silu)
+    def forward(ctx, x, gamma, beta, spec: GroupNormSpec):
+        return group_norm_nhwc_eager(x, gamma, beta, spec.groups, spec.eps, spec.silu)
 
     @staticmethod
-    def symbolic(g, x, gamma, beta, groups: int, eps: float, silu: bool, shape: tuple, dtype: int):
-        return emit(
-            g, "GroupNorm", [x, gamma, beta], [shape], dtype,
-            activation_i=int(silu), channels_last_i=1, epsilon_f=eps, groups_i=groups,
-        )  # fmt: skip
+    def symbolic(g, x, gamma, beta, spec: GroupNormSpec):
+        return emit(g, "GroupNorm", [x, gamma, beta], [spec.shape], spec.dtype, **spec.attributes())
 
 
 def group_norm_nhwc(x, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """``norm`` (then SiLU) on a channels-last map x: [B, H, W, C], as one contrib GroupNorm node."""
     gamma, beta = norm.weight.float(), norm.bias.float()
-    groups, eps = int(norm.num_groups), float(norm.eps)
-    return _GroupNorm.apply(x, gamma, beta, groups, eps, bool(silu), static_shape(x), onnx_dtype(x))
+    return _GroupNorm.apply(x, gamma, beta, GroupNormSpec.of(x, norm, silu))
 
 
 # --------------------------------------------------------------------------- SkipGroupNorm (NHWC)
 
 
 class _SkipGroupNorm(torch.autograd.Function):
-    """y = GroupNorm(x + skip + bias) (+ SiLU); skip: [B, H, W, C] or [B, 1, 1, C], bias: [C]."""
+    """y = GroupNorm(x + skip + bias) (+ SiLU).
+
+    ``inputs`` are the node's five tensors in its schema's order: x, gamma, beta, skip ([B, H, W, C]
+    or [B, 1, 1, C]) and bias [C]; one varargs parameter keeps ``ctx`` / ``g``, the spec and the
+    five within the six-parameter rule without changing what the node receives."""
 
     @staticmethod
-    def forward(
-        ctx, x, gamma, beta, skip, bias, groups: int, eps: float, silu: bool, shape: tuple, dtype: int
-    ):
+    def forward(ctx, spec: GroupNormSpec, *inputs):
+        x, gamma, beta, skip, bias = inputs
         s = x + skip + bias.to(x.dtype)
-        return group_norm_nhwc_eager(s, gamma, beta, groups, eps, silu)
+        return group_norm_nhwc_eager(s, gamma, beta, spec.groups, spec.eps, spec.silu)
 
     @staticmethod
-    def symbolic(
-        g, x, gamma, beta, skip, bias, groups: int, eps: float, silu: bool, shape: tuple, dtype: int
-    ):
-        return emit(
-            g, "SkipGroupNorm", [x, gamma, beta, skip, bias], [shape], dtype,
-            activation_i=int(silu), channels_last_i=1, epsilon_f=eps, groups_i=groups,
-        )  # fmt: skip
+    def symbolic(g, spec: GroupNormSpec, *inputs):
+        return emit(g, "SkipGroupNorm", list(inputs), [spec.shape], spec.dtype, **spec.attributes())
 
 
 def skip_group_norm_nhwc(x, skip, bias, norm: torch.nn.GroupNorm, silu: bool = False) -> torch.Tensor:
     """``norm(x + skip + bias)`` (then SiLU) as one contrib SkipGroupNorm node; x: [B, H, W, C]."""
     gamma, beta = norm.weight.float(), norm.bias.float()
-    groups, eps = int(norm.num_groups), float(norm.eps)
-    return _SkipGroupNorm.apply(
-        x, gamma, beta, skip, bias, groups, eps, bool(silu), static_shape(x), onnx_dtype(x)
-    )
+    return _SkipGroupNorm.apply(GroupNormSpec.of(x, norm, silu), x, gamma, beta, skip, bias)
 
 
 # --------------------------------------------------------------------------- NhwcConv
 
 
+@dataclass(frozen=True)
+class ConvSpec:
+    """The non-tensor part of an NhwcConv node: the conv's geometry (stride, padding, dilation per
+    spatial axis, groups, kernel [kH, kW]) and the output's static shape [B, H', W', M] and ONNX dtype."""
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    kernel: tuple[int, int]
+    shape: tuple[int, ...]
+    dtype: int
+
+
 class _NhwcConv(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, x, weight, bias, stride: tuple, padding: tuple, dilation: tuple, groups: int, shape, dtype
-    ):
+    def forward(ctx, x, weight, bias, spec: ConvSpec):
         # x: [B, H, W, C], weight: [M, kH, kW, C/g] -> [B, H', W', M]
         y = F.conv2d(
-            x.permute(0, 3, 1, 2), weight.permute(0, 3, 1, 2), bias, stride, padding, dilation, groups
+            x.permute(0, 3, 1, 2),
+            weight.permute(0, 3, 1, 2),
+            bias,
+            spec.stride,
+            spec.padding,
+            spec.dilation,
+            spec.groups,
         )
         return y.permute(0, 2, 3, 1).contiguous()
 
     @staticmethod
-    def symbolic(
-        g, x, weight, bias, stride: tuple, padding: tuple, dilation: tuple, groups: int, shape, dtype
-    ):
-        (_, kh, kw), out = shape
+    def symbolic(g, x, weight, bias, spec: ConvSpec):
         inputs = [x, weight] if bias is None or bias.node().mustBeNone() else [x, weight, bias]
+        (ph, pw) = spec.padding
         return emit(
-            g, "NhwcConv", inputs, [out], dtype,
-            dilations_i=list(dilation), group_i=groups, kernel_shape_i=[kh, kw],
-            pads_i=[padding[0], padding[1], padding[0], padding[1]], strides_i=list(stride),
+            g, "NhwcConv", inputs, [spec.shape], spec.dtype,
+            dilations_i=list(spec.dilation), group_i=spec.groups, kernel_shape_i=list(spec.kernel),
+            pads_i=[ph, pw, ph, pw], strides_i=list(spec.stride),
         )  # fmt: skip
 
 
@@ -154,18 +189,8 @@ def nhwc_conv(x, conv: torch.nn.Conv2d, bias: bool = True) -> torch.Tensor:
     m, kh, kw, _ = static_shape(weight)
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    shape = ((m, kh, kw), (b, ho, wo, m))
-    return _NhwcConv.apply(
-        x,
-        weight,
-        conv.bias if bias else None,
-        stride,
-        padding,
-        dilation,
-        int(conv.groups),
-        shape,
-        onnx_dtype(x),
-    )
+    spec = ConvSpec(stride, padding, dilation, int(conv.groups), (kh, kw), (b, ho, wo, m), onnx_dtype(x))
+    return _NhwcConv.apply(x, weight, conv.bias if bias else None, spec)
 
 
 # --------------------------------------------------------------------------- BiasSplitGelu

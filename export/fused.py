@@ -15,6 +15,7 @@ through ``multi_head_attention`` while a graph is traced, then puts the original
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import onnx
 import torch
@@ -28,16 +29,30 @@ from litefocus.processor import LiteFocusAttnProcessor, PackedSelfAttnProcessor
 CONTRIB_DOMAIN, FUSED_OP = FUSED_ATTENTION_DOMAIN, FUSED_ATTENTION_OP
 
 
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The non-tensor part of a MultiHeadAttention node: its heads and scale (static Python numbers,
+    so they become attributes, not graph values) and the output's static shape and ONNX dtype."""
+
+    heads: int
+    scale: float
+    shape: tuple[int, ...]
+    dtype: int
+
+    def attributes(self) -> dict:
+        return {"num_heads_i": self.heads, "scale_f": self.scale}
+
+
 class _MultiHeadAttention(torch.autograd.Function):
     """Eager: ``packed_sdpa``. Traced to ONNX: one com.microsoft.MultiHeadAttention node."""
 
     @staticmethod
-    def forward(ctx, q, k, v, heads: int, scale: float, shape: tuple, dtype: int):
-        return packed_sdpa(q, k, v, heads, scale)  # q: [B, Lq, M*D], k, v: [B, Lk, M*D]
+    def forward(ctx, q, k, v, spec: AttentionSpec):
+        return packed_sdpa(q, k, v, spec.heads, spec.scale)  # q: [B, Lq, M*D], k, v: [B, Lk, M*D]
 
     @staticmethod
-    def symbolic(g, q, k, v, heads: int, scale: float, shape: tuple, dtype: int):
-        return emit(g, FUSED_OP, [q, k, v], [shape], dtype, num_heads_i=heads, scale_f=scale)
+    def symbolic(g, q, k, v, spec: AttentionSpec):
+        return emit(g, FUSED_OP, [q, k, v], [spec.shape], spec.dtype, **spec.attributes())
 
 
 def multi_head_attention(
@@ -52,7 +67,7 @@ def multi_head_attention(
     # static Python numbers: a traced shape would turn the scale into a graph value, not an attribute
     scale = (int(q.shape[-1]) // int(heads)) ** -0.5 if scale is None else float(scale)
     shape = tuple(int(x) for x in q.shape)  # static: a constant of the graph
-    return _MultiHeadAttention.apply(q, k, v, int(heads), scale, shape, onnx_dtype(q))
+    return _MultiHeadAttention.apply(q, k, v, AttentionSpec(int(heads), scale, shape, onnx_dtype(q)))
 
 
 @contextlib.contextmanager

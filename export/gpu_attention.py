@@ -27,7 +27,7 @@ from diffusers.models.attention_processor import Attention
 
 from litefocus.attention import focus_attention_packed
 from litefocus.export.contrib import emit, onnx_dtype, static_shape
-from litefocus.export.fused import FUSED_OP
+from litefocus.export.fused import FUSED_OP, AttentionSpec
 from litefocus.processor import LiteFocusAttnProcessor, PackedSelfAttnProcessor
 
 MASK_FILTER = -10000.0  # MultiHeadAttention's default mask_filter_value; diffusers' padding bias
@@ -37,28 +37,28 @@ class _PackedMHA(torch.autograd.Function):
     """q: [B, L, H, 3, D] (kv None) or q: [B, Lq, H*D] with kv [B, Lk, H, 2, D]; mask [B, Lk] int32."""
 
     @staticmethod
-    def forward(ctx, q, kv, mask, heads: int, scale: float, shape: tuple, dtype: int):
+    def forward(ctx, q, kv, mask, spec: AttentionSpec):
         if kv is None:
             q, k, v = q.unbind(3)  # [B, L, H, D] each
         else:
             b, lq, _ = q.shape
-            q = q.reshape(b, lq, heads, -1)
+            q = q.reshape(b, lq, spec.heads, -1)
             k, v = kv.unbind(3)
         bias = None
         if mask is not None:  # [B, Lk] -> additive [B, 1, 1, Lk]
             bias = ((1 - mask.to(q.dtype)) * MASK_FILTER)[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=spec.scale
         )  # [B, H, Lq, D]
-        return out.transpose(1, 2).reshape(shape)
+        return out.transpose(1, 2).reshape(spec.shape)
 
     @staticmethod
-    def symbolic(g, q, kv, mask, heads: int, scale: float, shape: tuple, dtype: int):
+    def symbolic(g, q, kv, mask, spec: AttentionSpec):
         none = g.op("prim::Constant").setType(torch._C.OptionalType.ofTensor())
         inputs = [q] if kv is None or _is_none(kv) else [q, kv]
         if mask is not None and not _is_none(mask):
             inputs += [none] * (4 - len(inputs)) + [mask]  # value, bias, then key_padding_mask
-        return emit(g, FUSED_OP, inputs, [shape], dtype, num_heads_i=heads, scale_f=scale)
+        return emit(g, FUSED_OP, inputs, [spec.shape], spec.dtype, **spec.attributes())
 
 
 def _is_none(value) -> bool:
@@ -70,7 +70,7 @@ def packed_attention(q, kv, heads: int, scale: float, mask=None) -> torch.Tensor
     b, lq = static_shape(q)[:2]
     d = q.shape[-1] if kv is None else q.shape[-1] // heads
     shape = (b, lq, heads * int(d))
-    return _PackedMHA.apply(q, kv, mask, int(heads), float(scale), shape, onnx_dtype(q))
+    return _PackedMHA.apply(q, kv, mask, AttentionSpec(int(heads), float(scale), shape, onnx_dtype(q)))
 
 
 def _interleaved(heads: int, *linears) -> torch.Tensor:
@@ -121,8 +121,7 @@ class PackedKVLiteFocus(LiteFocusAttnProcessor):
 
     def core(self, attn, q, k, v):
         idx = self.handle.layer_indices(self.layer, q.shape[1], k.device)
-        same = self.handle.config.same_frequency
-        return focus_attention_packed(q, k, k, attn.heads, self.freq_bins, idx, same, attn.scale, self.attend)
+        return focus_attention_packed(q, k, k, attn.heads, self.spec(attn), idx)
 
 
 def _attend_packed_kv(q, kv, _v, heads: int, scale):

@@ -109,14 +109,14 @@ def export_onnx(
     onnx_path: Path,
     *,
     seed: int = 0,
-    device: torch.device | str = "cpu",
     conv: str = "direct",
     channels_last: bool = False,
 ) -> tuple[Path, Path]:
     """Trace ``module`` at the contract's static shapes into ``onnx_path`` + ``<name>.data``.
 
-    The module must already be in the contract's precision and on ``device`` (fp16 is traced on a
-    GPU: CPU fp16 kernels are slow or missing). ``conv="winograd"`` rewrites its 3x3 convolutions
+    The module must already be in the contract's precision and on its device (the sample inputs go
+    where its parameters are; fp16 is traced on a GPU: CPU fp16 kernels are slow or missing).
+    ``conv="winograd"`` rewrites its 3x3 convolutions
     (``export/winograd.py``). ``channels_last``: the module was traced in the GPU form's NHWC blocks
     (``export/gpu_form.py``), whose edge Transposes are then cancelled (``export/layout.py``).
     Returns (graph, weights) paths.
@@ -125,6 +125,7 @@ def export_onnx(
     raw_dir = onnx_path.parent / (onnx_path.stem + ".raw")
     raw_dir.mkdir(parents=True, exist_ok=True)
     raw = raw_dir / onnx_path.name
+    device = next(module.parameters(), torch.empty(0)).device
     args = tuple(contract.sample_inputs(seed)[name].to(device) for name in contract.input_names)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

@@ -4,8 +4,8 @@ GroupNorm, SkipGroupNorm, NhwcConv and BiasSplitGelu run only on ONNX Runtime's 
 GPU-form graph cannot run on a CPU through ONNX Runtime. ``reference_session(path)`` evaluates it
 with ``onnx.reference.ReferenceEvaluator`` and these implementations instead (float64 inside, the
 input's precision out), which is how the tests check the GPU form against PyTorch on a CPU. Each
-twin is itself tested against the plain-op subgraph it replaces (``tests/test_contrib_twins.py``); whole tiny graphs in the GPU form against
-PyTorch are in ``tests/test_gpu_form.py``.
+twin is itself tested against the plain-op subgraph it replaces (``tests/export/test_contrib_twins.py``);
+whole tiny graphs in the GPU form against PyTorch are in ``tests/export/test_gpu_form.py``.
 """
 
 from __future__ import annotations
@@ -34,47 +34,54 @@ def group_norm_nhwc(x, gamma, beta, groups: int, eps: float, silu: bool) -> np.n
     return y.astype(x.dtype)
 
 
-class GroupNorm(OpRun):
+class ContribTwin(OpRun):
+    """Base of the contrib ops' numpy twins.
+
+    ``OpRun.run`` hands ``_run`` every attribute the node carries as a keyword, and
+    ``OpRun._load_attributes`` has already set each one on the instance. Contrib ops have no schema
+    in ``onnx``, so an attribute the exporter did not write is simply absent (no default is filled
+    in). A twin therefore names only its inputs, in ``compute``, and reads its attributes from the
+    instance with ``attribute(name, the op's default)``: ``_run`` drops the keyword copies.
+    """
+
     op_domain = CONTRIB_DOMAIN
 
-    def _run(self, x, gamma, beta, activation=None, channels_last=None, epsilon=None, groups=None):
-        if channels_last == 0:
+    def _run(self, *inputs, **_attributes):  # the same values are on self: see ``attribute``
+        return self.compute(*inputs)
+
+    def compute(self, *inputs) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def attribute(self, name: str, default=None):
+        """The node's attribute ``name`` (as ``onnx.reference`` loaded it), or ``default`` if absent."""
+        value = getattr(self, name, None)
+        return default if value is None else value
+
+
+class GroupNorm(ContribTwin):
+    def compute(self, x, gamma, beta):
+        if self.attribute("channels_last") == 0:
             raise NotImplementedError("GroupNorm twin: only channels_last=1 (what the exporter writes)")
-        eps = 1e-5 if epsilon is None else epsilon  # the op's default
-        return (group_norm_nhwc(x, gamma, beta, groups, eps, activation == 1),)
+        eps = self.attribute("epsilon", 1e-5)  # the op's default
+        silu = self.attribute("activation") == 1
+        return (group_norm_nhwc(x, gamma, beta, self.attribute("groups"), eps, silu),)
 
 
-class SkipGroupNorm(OpRun):
+class SkipGroupNorm(ContribTwin):
     """y = GroupNorm(x + skip + bias); the optional second output is that sum."""
 
-    op_domain = CONTRIB_DOMAIN
-
-    def _run(
-        self, x, gamma, beta, skip, bias=None, activation=None, channels_last=None, epsilon=None, groups=None
-    ):
+    def compute(self, x, gamma, beta, skip, bias=None):
         s = x.astype(np.float64) + skip + (0.0 if bias is None else bias)
-        eps = 1e-5 if epsilon is None else epsilon  # the op's default
-        y = group_norm_nhwc(s, gamma, beta, groups, eps, activation == 1).astype(x.dtype)
+        eps = self.attribute("epsilon", 1e-5)  # the op's default
+        silu = self.attribute("activation") == 1
+        y = group_norm_nhwc(s, gamma, beta, self.attribute("groups"), eps, silu).astype(x.dtype)
         return (y, s.astype(x.dtype))
 
 
-class NhwcConv(OpRun):
+class NhwcConv(ContribTwin):
     """Conv on x: [B, H, W, C] with weight [M, kH, kW, C / group] -> [B, H', W', M]."""
 
-    op_domain = CONTRIB_DOMAIN
-
-    def _run(
-        self,
-        x,
-        w,
-        b=None,
-        auto_pad=None,
-        dilations=None,
-        group=None,
-        kernel_shape=None,
-        pads=None,
-        strides=None,
-    ):
+    def compute(self, x, w, b=None):
         from onnx.reference.ops.op_conv import Conv
 
         nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2)).astype(np.float64)
@@ -82,38 +89,34 @@ class NhwcConv(OpRun):
         args = [nchw, weight] + ([] if b is None else [b.astype(np.float64)])
         y = Conv.eval(
             *args,
-            auto_pad=auto_pad or "NOTSET",
-            dilations=dilations,
-            group=group or 1,
-            kernel_shape=kernel_shape,
-            pads=pads,
-            strides=strides,
+            auto_pad=self.attribute("auto_pad") or "NOTSET",
+            dilations=self.attribute("dilations"),
+            group=self.attribute("group") or 1,
+            kernel_shape=self.attribute("kernel_shape"),
+            pads=self.attribute("pads"),
+            strides=self.attribute("strides"),
         )
         return (np.ascontiguousarray(y.transpose(0, 2, 3, 1)).astype(x.dtype),)
 
 
-class BiasSplitGelu(OpRun):
+class BiasSplitGelu(ContribTwin):
     """x: [B, N, 2D], bias [2D] -> (x + bias)[..., :D] * gelu((x + bias)[..., D:]) (erf GELU)."""
 
-    op_domain = CONTRIB_DOMAIN
-
-    def _run(self, x, bias):
+    def compute(self, x, bias):
         s = x.astype(np.float64) + bias
         h, gate = np.split(s, 2, axis=-1)
         return ((h * 0.5 * gate * (1.0 + _erf(gate / np.sqrt(2.0)))).astype(x.dtype),)
 
 
-class MultiHeadAttention(OpRun):
+class MultiHeadAttention(ContribTwin):
     """The forms the exporter writes: query [B, Lq, M*D] with key and value [B, Lk, M*D]; a packed
     QKV query [B, L, M, 3, D]; a query with a packed KV key [B, Lk, M, 2, D]; optionally a key padding
     mask [B, Lk] (0: the key gets ``mask_filter_value`` added). No bias, no past, no attention bias."""
 
-    op_domain = CONTRIB_DOMAIN
-
-    def _run(self, q, k=None, v=None, bias=None, key_padding_mask=None, *rest, num_heads=None, scale=None,
-             mask_filter_value=None, **_):  # fmt: skip
+    def compute(self, q, k=None, v=None, bias=None, key_padding_mask=None, *rest):
         if bias is not None or any(r is not None for r in rest):
             raise NotImplementedError("MultiHeadAttention twin: no bias, attention bias or past inputs")
+        num_heads = self.attribute("num_heads")
         if q.ndim == 5:  # packed QKV [B, L, M, 3, D]
             q, k, v = (q[:, :, :, i] for i in range(3))
         else:
@@ -127,9 +130,10 @@ class MultiHeadAttention(OpRun):
         def heads(x):  # [B, L, M, D] -> [B, M, L, D]
             return x.astype(np.float64).transpose(0, 2, 1, 3)
 
+        scale = self.attribute("scale")
         s = heads(q) @ heads(k).transpose(0, 1, 3, 2) * (scale if scale else d**-0.5)
         if key_padding_mask is not None:
-            fill = -10000.0 if mask_filter_value is None else mask_filter_value
+            fill = self.attribute("mask_filter_value", -10000.0)
             s = s + np.where(key_padding_mask == 0, fill, 0.0)[:, None, None, :]
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         out = (p / p.sum(axis=-1, keepdims=True)) @ heads(v)

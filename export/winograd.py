@@ -30,6 +30,8 @@ chosen per export and recorded in the manifest. The error against the direct con
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -83,22 +85,32 @@ def tile_for(width: int) -> int:
     return 4 if width >= 4 else 2
 
 
+@dataclass(frozen=True, eq=False)
+class WinogradConv:
+    """One 3x3 convolution (pad 1) to compute by F(m, 3): ``y = Conv(x, weight, bias)``.
+
+    ``name`` prefixes the new nodes and initializers; ``x``, ``y`` and ``bias`` (None: no bias) are
+    the graph's tensor names; ``shape`` is x's static shape [B, C, H, W]; ``weight`` the conv's
+    [Co, C, 3, 3] array; ``m`` the output tile size (``tile_for``)."""
+
+    name: str
+    x: str
+    y: str
+    bias: str | None
+    shape: tuple[int, ...]
+    weight: np.ndarray
+    m: int
+
+
 def conv_nodes(
-    name: str,
-    x: str,
-    y: str,
-    bias: str | None,
-    shape: tuple[int, ...],
-    weight: np.ndarray,
-    m: int,
-    shared: dict[str, onnx.TensorProto],
-    chunk_bytes: int = 1 << 62,
+    conv: WinogradConv, shared: dict[str, onnx.TensorProto], chunk_bytes: int = 1 << 62
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers that compute ``y = Conv(x, weight, bias)`` (3x3, pad 1) by F(m, 3).
+    """Nodes and initializers that compute ``conv`` by F(m, 3).
 
     The fixed transform filters are the same for every conv of one tile size (and output width):
     they go to ``shared`` once, under ``winograd/...`` names, not to the returned initializers."""
-    b, c, h, w = shape
+    name, x, y, bias, weight, m = conv.name, conv.x, conv.y, conv.bias, conv.weight, conv.m
+    b, c, h, w = conv.shape
     co = weight.shape[0]
     bt, g, at = winograd_matrices(m)
     a = m + 2
@@ -208,7 +220,7 @@ def rewrite_convs(
             new_nodes.append(node)
             continue
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        nodes, inits = conv_nodes(
+        conv = WinogradConv(
             node.name or node.output[0],
             node.input[0],
             node.output[0],
@@ -216,9 +228,8 @@ def rewrite_convs(
             tuple(shape),
             numpy_helper.to_array(wt),
             tile_for(shape[3]),
-            shared,
-            chunk_bytes,
         )
+        nodes, inits = conv_nodes(conv, shared, chunk_bytes)
         new_nodes.extend(nodes)
         graph.initializer.extend(inits)
         if uses[wt.name] == 1:

@@ -13,6 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "FocusSpec": "litefocus.attention",
     "litefocus_attention": "litefocus.attention",
     "reference_litefocus_attention": "litefocus.attention",
     "Bucket": "litefocus.buckets",

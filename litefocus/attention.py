@@ -22,12 +22,30 @@ M = F*H)``. With ``attend`` a fused op (ONNX Runtime's MultiHeadAttention, see
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 # attend(q [B, Lq, M*D], k [B, Lk, M*D], v [B, Lk, M*D], heads M, scale or None) -> [B, Lq, M*D]
 PackedAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, "float | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FocusSpec:
+    """What one LiteFocus attention computes, apart from its tensors and its global sample.
+
+    ``freq_bins``: F of the time-major [T, F] token grid; ``same_frequency``: each query also attends
+    to the T keys of its own bin; ``scale``: the logits' scale (None: D ** -0.5); ``attend``: the dense
+    multi-head attention the packed form runs (e.g. ``packed_sdpa``, or a fused op while exporting).
+    ``litefocus_attention`` runs the grid form when ``attend`` is None, the packed form otherwise; the
+    float64 reference ignores it.
+    """
+
+    freq_bins: int
+    same_frequency: bool = True
+    scale: float | None = None
+    attend: PackedAttend | None = None
 
 
 def is_tracing() -> bool:
@@ -41,14 +59,12 @@ def is_tracing() -> bool:
 
 
 def _check_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    freq_bins: int,
-    global_idx: torch.Tensor | None,
-    same_frequency: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FocusSpec, global_idx: torch.Tensor | None
 ) -> torch.Tensor | None:
     """Validate the public arguments; return ``global_idx`` ([S] or [B, S]) on k's device, or None."""
+    if not isinstance(spec, FocusSpec):
+        raise ValueError(f"litefocus_attention: spec must be a FocusSpec, got {type(spec).__name__}")
+    freq_bins = spec.freq_bins
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -93,7 +109,7 @@ def _check_args(
                     f"litefocus_attention: global_idx holds {lo if lo < 0 else hi}, outside [0, N = {n}); "
                     "indices address flattened tokens t * freq_bins + f"
                 )
-    if not same_frequency and global_idx is None:
+    if not spec.same_frequency and global_idx is None:
         raise ValueError(
             "litefocus_attention: same_frequency=False and no global_idx leaves a query nothing to attend "
             "to; pass global indices or keep same_frequency=True"
@@ -102,22 +118,16 @@ def _check_args(
 
 
 def focus_attention_grid(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    freq_bins: int,
-    global_idx: torch.Tensor | None,
-    same_frequency: bool,
-    scale: float | None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FocusSpec, global_idx: torch.Tensor | None
 ) -> torch.Tensor:
     """The static computation, unchecked. Returns a [B, H, T, F, D] view (possibly strided).
 
-    Callers pick their own final layout from it with a single copy.
+    Callers pick their own final layout from it with a single copy. ``spec.attend`` is not used.
     """
     b, h, n, d = q.shape
-    fb = freq_bins
+    fb, scale = spec.freq_bins, spec.scale
     t = n // fb
-    if not same_frequency:
+    if not spec.same_frequency:
         # Every query shares the same S keys: plain attention, no fold needed.
         k_g, v_g = select_tokens(k, global_idx), select_tokens(v, global_idx)  # [B, H, S, D]
         out = F.scaled_dot_product_attention(q, k_g, v_g, scale=scale)  # [B, H, N, D]
@@ -159,20 +169,19 @@ def focus_attention_packed(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
-    freq_bins: int,
+    spec: FocusSpec,
     global_idx: torch.Tensor | None,
-    same_frequency: bool,
-    scale: float | None,
-    attend: PackedAttend = packed_sdpa,
 ) -> torch.Tensor:
     """The static computation on the packed layout, unchecked: q, k, v [B, N, H*D] -> [B, N, H*D].
 
-    k and v may be wider than q (a packed key-value projection [B, N, H*2*D] passed as both, for an
-    ``attend`` that takes it so): each is folded with its own width."""
+    Attends through ``spec.attend`` (``packed_sdpa`` when None). k and v may be wider than q (a packed
+    key-value projection [B, N, H*2*D] passed as both, for an ``attend`` that takes it so): each is
+    folded with its own width."""
     b, n, c = q.shape
-    fb = freq_bins
+    fb, scale = spec.freq_bins, spec.scale
+    attend = packed_sdpa if spec.attend is None else spec.attend
     t = n // fb
-    if not same_frequency:  # every query shares the same S keys: H heads over them
+    if not spec.same_frequency:  # every query shares the same S keys: H heads over them
         return attend(q, select_tokens(k, global_idx, 1), select_tokens(v, global_idx, 1), heads, scale)
     q_f, k_f, v_f = (x.reshape(b, t, fb * x.shape[-1]) for x in (q, k, v))  # [B, T, F*H*D]: F*H heads
     if global_idx is not None:
@@ -199,65 +208,48 @@ def select_tokens(x: torch.Tensor, idx: torch.Tensor, dim: int = 2) -> torch.Ten
 
 
 def litefocus_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    freq_bins: int,
-    global_idx: torch.Tensor | None = None,
-    *,
-    same_frequency: bool = True,
-    scale: float | None = None,
-    attend: PackedAttend | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FocusSpec, global_idx: torch.Tensor | None = None
 ) -> torch.Tensor:
     """LiteFocus attention, static form.
 
-    q, k, v: [B, H, N, D] with token n = t * freq_bins + f; global_idx: int tensor [S] (shared by
-    the batch) or [B, S] (one sample per row), or None (None or empty: no cross-frequency part). Returns [B, H, N, D]: one softmax over
-    concat(same-frequency keys, keys[global_idx]); a key in both sets counts twice.
-    ``scale`` defaults to D ** -0.5. ``attend``: compute it in the packed form with this dense
-    multi-head attention (e.g. ``packed_sdpa``, or a fused op while exporting); None: the grid form.
+    q, k, v: [B, H, N, D] with token n = t * spec.freq_bins + f; global_idx: int tensor [S] (shared
+    by the batch) or [B, S] (one sample per row), or None (None or empty: no cross-frequency part).
+    Returns [B, H, N, D]: one softmax over concat(same-frequency keys, keys[global_idx]); a key in
+    both sets counts twice. With ``spec.attend`` set it is computed in the packed form through that
+    dense multi-head attention; otherwise in the grid form.
     """
-    global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
+    global_idx = _check_args(q, k, v, spec, global_idx)
     b, h, n, d = q.shape
-    if attend is not None:
+    if spec.attend is not None:
 
         def pack(x: torch.Tensor) -> torch.Tensor:  # [B, H, N, D] -> [B, N, H*D]
             return x.transpose(1, 2).reshape(b, n, h * d)
 
-        out = focus_attention_packed(
-            pack(q), pack(k), pack(v), h, freq_bins, global_idx, same_frequency, scale, attend
-        )
+        out = focus_attention_packed(pack(q), pack(k), pack(v), h, spec, global_idx)
         return out.view(b, n, h, d).transpose(1, 2)
-    return focus_attention_grid(q, k, v, freq_bins, global_idx, same_frequency, scale).reshape(b, h, n, d)
+    return focus_attention_grid(q, k, v, spec, global_idx).reshape(b, h, n, d)
 
 
 def reference_litefocus_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    freq_bins: int,
-    global_idx: torch.Tensor | None = None,
-    *,
-    same_frequency: bool = True,
-    scale: float | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: FocusSpec, global_idx: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Slow, obviously-correct twin: explicit float64 logits over each query's focus set.
 
     Same-frequency keys come from the full N x N logits with every other bin masked to -inf; the
     shared keys are appended as extra columns; one softmax over the concatenation. O(N^2) memory:
-    for tests only.
+    for tests only. ``spec.attend`` is not used (this is the twin of both forms).
     """
-    global_idx = _check_args(q, k, v, freq_bins, global_idx, same_frequency)
+    global_idx = _check_args(q, k, v, spec, global_idx)
     if global_idx is not None and global_idx.dim() == 2:  # one sample per row: row by row
-        kw = {"same_frequency": same_frequency, "scale": scale}
         return torch.cat(
             [
-                reference_litefocus_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], freq_bins, idx, **kw)
+                reference_litefocus_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], spec, idx)
                 for i, idx in enumerate(global_idx)
             ]
         )
     n, d = q.shape[2], q.shape[3]
-    scale = d**-0.5 if scale is None else scale
+    freq_bins, same_frequency = spec.freq_bins, spec.same_frequency
+    scale = d**-0.5 if spec.scale is None else spec.scale
     q64, k64, v64 = q.double(), k.double(), v.double()
     logits = (q64 @ k64.transpose(-1, -2)) * scale  # [B, H, N, N]
     parts_logits, parts_values = [], []

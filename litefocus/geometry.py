@@ -1,4 +1,13 @@
-"""Audio length -> AudioLDM2 latent geometry (diffusers' convention; see shared/reference/audioldm2.md)."""
+"""Audio length -> AudioLDM2 latent geometry, in diffusers' convention.
+
+AudioLDM2 works on 16 kHz audio: a mel spectrogram with a 160-sample (10 ms) hop and 64 mel bins,
+which the VAE downsamples 4x in time and in frequency into a latent [8, T, 16]; the UNet halves T
+(rounding up) at each downsampling level. So 10 s is 1000 mel frames and T = 250 latent frames, and
+level 1 (8 frequency bins) sees 125 x 8 = 1000 tokens. diffusers' ``AudioLDM2Pipeline`` sizes its
+latent the same way from ``audio_length_in_s`` (it truncates a fraction of a 10 ms frame; this rounds
+up, so the latent covers the whole request). The table of lengths the method is measured at (10 s to
+160 s) is pinned in ``tests/litefocus/test_geometry.py``.
+"""
 
 from __future__ import annotations
 

@@ -12,14 +12,26 @@ AudioLDM2 UNet does not forward those to its transformer blocks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from litefocus.attention import PackedAttend, focus_attention_grid, focus_attention_packed
+from litefocus.attention import FocusSpec, PackedAttend, focus_attention_grid, focus_attention_packed
+from litefocus.config import LiteFocusConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from litefocus.installer import LiteFocusHandle
+
+class GlobalSampleSource(Protocol):
+    """What a LiteFocus processor reads per call: the config, and its layer's global sample.
+
+    ``litefocus.installer.LiteFocusHandle`` is the one implementation; naming only what the processor
+    uses keeps this module free of the installer (which imports the processor).
+    """
+
+    config: LiteFocusConfig
+
+    def layer_indices(self, layer: int, n_tokens: int, device: torch.device) -> torch.Tensor | None:
+        """The global sample [S] or [B, S] for one call of ``layer`` over ``n_tokens`` tokens, or None."""
+        ...
 
 
 class _SelfAttention:
@@ -94,7 +106,7 @@ class LiteFocusAttnProcessor(_SelfAttention):
 
     def __init__(
         self,
-        handle: LiteFocusHandle,
+        handle: GlobalSampleSource,
         layer: int,
         name: str,
         freq_bins: int,
@@ -116,6 +128,10 @@ class LiteFocusAttnProcessor(_SelfAttention):
     def with_attend(self, attend: PackedAttend | None) -> LiteFocusAttnProcessor:
         return LiteFocusAttnProcessor(self.handle, self.layer, self.name, self.freq_bins, attend)
 
+    def spec(self, attn) -> FocusSpec:
+        """The attention this layer computes on ``attn``'s heads: its grid, scale and form."""
+        return FocusSpec(self.freq_bins, self.handle.config.same_frequency, attn.scale, self.attend)
+
     def core(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n, c = q.shape  # token n = t * F + f
         if n % self.freq_bins != 0:
@@ -125,12 +141,12 @@ class LiteFocusAttnProcessor(_SelfAttention):
             )
         heads = attn.heads
         idx = self.handle.layer_indices(self.layer, n, k.device)  # [S], [B, S] or None
-        same = self.handle.config.same_frequency
+        spec = self.spec(attn)
         if self.attend is not None:
-            return focus_attention_packed(q, k, v, heads, self.freq_bins, idx, same, attn.scale, self.attend)
+            return focus_attention_packed(q, k, v, heads, spec, idx)
         d = c // heads
         q, k, v = (x.view(b, n, heads, d).transpose(1, 2) for x in (q, k, v))  # [B, H, N, D]
-        out = focus_attention_grid(q, k, v, self.freq_bins, idx, same, attn.scale)  # [B, H, T, F, D]
+        out = focus_attention_grid(q, k, v, spec, idx)  # [B, H, T, F, D]
         return out.permute(0, 2, 3, 1, 4).reshape(b, n, heads * d)  # [B, N, H*D]
 
 

@@ -6,7 +6,7 @@ with Runtime.load("engines") as rt:
 """
 
 from litefocus.runtime.audio import Audio, write_wav
+from litefocus.runtime.options import Conditioning, GenerateOptions
 from litefocus.runtime.runtime import Runtime
-from litefocus.runtime.sampling import Conditioning, GenerateOptions
 
 __all__ = ["Audio", "Conditioning", "GenerateOptions", "Runtime", "write_wav"]

@@ -20,9 +20,8 @@ import numpy as np
 
 from litefocus.engine.contract import GPT2_TOKENS
 from litefocus.runtime.noise_schedule import NoiseSchedule
+from litefocus.runtime.options import Conditioning, GenerateOptions
 from litefocus.runtime.sampling import (
-    Conditioning,
-    GenerateOptions,
     UNetCall,
     draw_step_indices,
     index_specs,
@@ -103,7 +102,8 @@ def new_slot(
         latents = initial_latents(shape, rng, sampler)
     elif options.latents.shape != shape:
         raise ValueError(
-            f"latents have shape {list(options.latents.shape)}; bucket {bucket} takes {list(shape)}"
+            f"latents have shape {list(options.latents.shape)}; bucket {bucket or contract.bucket.name} "
+            f"takes {list(shape)}"
         )
     else:
         latents = options.latents * np.float32(sampler.init_noise_sigma)
@@ -225,7 +225,7 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 def decode_waveform(decode, latents: np.ndarray, seconds: float) -> np.ndarray:
     """Final latents [1, 8, T, 16] -> float32 waveform of exactly ``int(seconds * 16000)`` samples.
     A RuntimeError, never audio, when the latents or the waveform hold NaN or infinity."""
-    from litefocus.engine.contract import SAMPLE_RATE
+    from litefocus.buckets import SAMPLE_RATE
 
     check_finite("latents", latents)
     wave = decode({"latent": latents})[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from litefocus.engine.backends import RUNTIME_BACKENDS
 from litefocus.engine.fileio import writable_target
 from litefocus.runtime.inputs import check_prompt
-from litefocus.runtime.sampling import SCHEDULERS
+from litefocus.runtime.options import SCHEDULERS
 
 PROG = "litefocus-generate"
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal number, as a shell reports a killed command

@@ -21,15 +21,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from litefocus.engine import manifest as mf
+from litefocus.buckets import MAX_SECONDS, SAMPLE_RATE
 from litefocus.engine.backends import RUNTIME_BACKENDS, parse_device
-from litefocus.engine.contract import MAX_SECONDS, SAMPLE_RATE, Bucket, LiteFocusConfig
+from litefocus.engine.contract import MODULES
+from litefocus.engine.entries import Entry, Manifest, load_manifest
+from litefocus.engine.manifest import FIX, ManifestError, library_versions
 from litefocus.runtime.audio import Audio
 from litefocus.runtime.batching import BatchedUNet, decode_waveform, new_slot
-from litefocus.runtime.engines import MODULES, OpenEntry, open_entry
 from litefocus.runtime.inputs import check_prompt
+from litefocus.runtime.loader import BackendOptions, OpenEntry, open_entry
 from litefocus.runtime.noise_schedule import NoiseSchedule
-from litefocus.runtime.sampling import Conditioning, GenerateOptions
+from litefocus.runtime.options import Conditioning, GenerateOptions
 
 logger = logging.getLogger(__name__)
 
@@ -42,28 +44,23 @@ class Runtime:
     def __init__(
         self,
         engine_dir: Path,
-        manifest: dict,
+        manifest: Manifest,
         backend: str,
         device: tuple[str, int],
         cuda_graph: bool = False,
     ):
         self.engine_dir = engine_dir
-        self.manifest = manifest
+        self.manifest = manifest  # typed; the JSON document is manifest.raw
         self.backend = backend
         self.device = device  # ("cpu", 0) | ("cuda", N)
         self.cuda_graph = cuda_graph  # UNet sessions captured once and replayed (CUDA EP)
-        cfg = manifest["litefocus"]
-        self.config = None if cfg is None else LiteFocusConfig.from_dict(cfg)
-        entries = sorted(
-            manifest["entries"].items(), key=lambda kv: (kv[1]["bucket"]["frames"], _batch(kv[1]))
-        )
-        self.entries = dict(entries)
+        self.config = manifest.litefocus
+        self.entries: dict[str, Entry] = dict(manifest.entries)  # by (bucket frames, batch)
         if not self.entries:
             raise ValueError(f"{engine_dir} has no engines; export some with litefocus-export --seconds ...")
-        self.schedule = _noise_schedule(manifest)
+        self.schedule = _noise_schedule(manifest.raw)
         self._lock = threading.Lock()
         self._backends: dict[tuple[str, str], object] = {}  # (entry, module) -> opened backend
-        self._contracts: dict[str, tuple] = {}  # entry -> (unet contract, decode contract)
         self._text = None
         self._closed = False
         self._active = 0  # generations running now: close() waits for them
@@ -95,7 +92,7 @@ class Runtime:
             )
         if not engine_dir.is_dir():
             raise ValueError(f"engine directory {engine_dir} does not exist; create it with litefocus-export")
-        manifest = mf.read_manifest(engine_dir)
+        manifest = load_manifest(engine_dir)
         _warn_on_version_drift(manifest)
         if backend == "tensorrt":
             from litefocus.engine.tensorrt_backend import require_tensorrt
@@ -164,9 +161,7 @@ class Runtime:
                 f"{MIN_SECONDS:g} s (one sample)"
             )
         exact = {
-            name: Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds
-            for name, e in self.entries.items()
-            if name == self._primary(name)
+            name: e.bucket.exact_seconds for name, e in self.entries.items() if name == self._primary(name)
         }
         for name, length in exact.items():  # every length follows from frames, never from a stored float
             if length >= seconds:
@@ -188,8 +183,8 @@ class Runtime:
         return [
             {
                 "name": name,
-                "seconds": Bucket(e["bucket"]["seconds"], e["bucket"]["frames"]).exact_seconds,
-                "batch_sizes": sorted(_batch(self.entries[n]) for n in self._group_names(name)),
+                "seconds": e.bucket.exact_seconds,
+                "batch_sizes": sorted(self.entries[n].batch for n in self._group_names(name)),
             }
             for name, e in self.entries.items()
             if name == self._primary(name)
@@ -199,30 +194,30 @@ class Runtime:
         """Of ``name``'s batch sizes, the entry of the smallest that holds ``rows`` (a single request
         opens only that one)."""
         names = self._group_names(name)
-        fits = [n for n in names if _batch(self.entries[n]) >= rows]
+        fits = [n for n in names if self.entries[n].batch >= rows]
         if not fits:
             raise ValueError(
                 f"bucket {name} has no engine for {rows} rows (batch sizes "
-                f"{', '.join(str(_batch(self.entries[n])) for n in names)}): use guidance_scale=1, or "
+                f"{', '.join(str(self.entries[n].batch) for n in names)}): use guidance_scale=1, or "
                 "export --batch 2"
             )
-        return min(fits, key=lambda n: _batch(self.entries[n]))
+        return min(fits, key=lambda n: self.entries[n].batch)
 
     def batch_group(self, name: str, modules=MODULES) -> dict[int, OpenEntry]:
         """Batch size -> opened entry, for every entry of ``name``'s bucket and precision
         (``modules=("unet",)``: a denoiser that never decodes opens no decode graphs)."""
-        return {_batch(self.entries[n]): self.open_entry(n, modules) for n in self._group_names(name)}
+        return {self.entries[n].batch: self.open_entry(n, modules) for n in self._group_names(name)}
 
     def _group_names(self, name: str) -> list[str]:
         if name not in self.entries:
             raise ValueError(f"{self.engine_dir} has no entry {name!r}; it has {', '.join(self.entries)}")
-        key = _group_key(self.entries[name])
-        return [n for n, e in self.entries.items() if _group_key(e) == key]
+        key = self.entries[name].group_key
+        return [n for n, e in self.entries.items() if e.group_key == key]
 
     def _primary(self, name: str) -> str:
         """The group's entry for one request: the smallest batch >= 2, else the smallest."""
         names = self._group_names(name)
-        return next((n for n in names if _batch(self.entries[n]) >= 2), names[0])
+        return next((n for n in names if self.entries[n].batch >= 2), names[0])
 
     def open_entry(self, name: str, modules=MODULES) -> OpenEntry:
         """(unet backend, decode backend, unet contract, decode contract) of entry ``name``, each
@@ -236,22 +231,14 @@ class Runtime:
             self._check_open()
             missing = tuple(m for m in MODULES if m in modules and (name, m) not in self._backends)
             if missing:
-                opened = open_entry(
-                    self.engine_dir,
-                    name,
-                    self.entries[name],
-                    self.config,
-                    self.backend,
-                    self.device,
-                    missing,
-                    cuda_graph=self.cuda_graph,
-                )
+                options = BackendOptions(self.backend, self.device, self.cuda_graph)
+                opened = open_entry(self.engine_dir, name, self.manifest, options, missing)
                 for m in missing:
                     self._backends[(name, m)] = getattr(opened, m)
-                self._contracts[name] = (opened.unet_contract, opened.decode_contract)
             unet = self._backends.get((name, "unet")) if "unet" in modules else None
             decode = self._backends.get((name, "decode")) if "decode" in modules else None
-            return OpenEntry(unet, decode, *self._contracts[name])
+            entry = self.entries[name]
+            return OpenEntry(unet, decode, entry.unet.contract, entry.decode.contract)
 
     # ---- generation --------------------------------------------------------------------------
     def text_encoder(self):
@@ -280,12 +267,12 @@ class Runtime:
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r:.80}")
         check_prompt(prompt)
-        self.bucket_for(seconds)  # fail fast, before the text encoders run
+        name = self.bucket_for(seconds)  # fail fast, before the text encoders run
         with self._in_use():
             t0 = time.perf_counter()
             cond = self.text_encoder()(prompt, options.negative_prompt, guided=options.guided)
             t_cond = time.perf_counter() - t0
-            audio = self.generate_from_conditioning(cond, seconds, options, progress=progress)
+            audio = self._sample(cond, seconds, name, options, progress)
         audio.timings["conditioning"] = t_cond
         return audio
 
@@ -302,16 +289,20 @@ class Runtime:
         options = _options(options, overrides)
         if not isinstance(cond, Conditioning):
             raise ValueError(f"cond must be a litefocus.runtime.Conditioning, got {type(cond).__name__}")
-        name = self.bucket_for(seconds)
+        return self._sample(cond, seconds, self.bucket_for(seconds), options, progress)
+
+    def _sample(
+        self, cond: Conditioning, seconds: float, name: str, options: GenerateOptions, progress: bool
+    ):
+        """The sampling loop + decode in bucket ``name`` (``bucket_for(seconds)``, found once per request)."""
         with self._in_use():
             t0 = time.perf_counter()
             entry = self.open_entry(
                 self.entry_for(name, 2 if options.guided else 1)
             )  # opened once: the first request pays
             opened = time.perf_counter() - t0
-            audio = generate_audio(
-                entry, cond, seconds, options, self.schedule, progress=progress, bucket=name
-            )
+            audio = generate_audio(entry, cond, seconds, options, self.schedule, progress=progress)
+        audio = dataclasses.replace(audio, bucket=name)
         audio.timings["setup"] += opened
         return audio
 
@@ -324,14 +315,14 @@ def generate_audio(
     schedule: NoiseSchedule,
     *,
     progress: bool = True,
-    bucket: str = "",
 ) -> Audio:
     """One request alone: the sampling loop + decode on one bucket's opened backends (Runtime's
     generation, and the benchmark's on any backend). ``cond``: [uncond, cond] when guided, else one
-    row; any T5 length <= the engine's. The same slot code as a served batch."""
+    row; any T5 length <= the engine's. The same slot code as a served batch. The audio's ``bucket``
+    is left empty: the caller knows which entry it opened (Runtime names it)."""
     t0 = time.perf_counter()
     unet = BatchedUNet({entry.unet_contract.batch: entry})
-    slot = new_slot(cond, options, unet.contract, schedule, bucket)
+    slot = new_slot(cond, options, unet.contract, schedule)
     t1 = time.perf_counter()
     for _ in tqdm(range(slot.steps), desc="denoise", disable=not progress, leave=False):
         unet.step([slot])
@@ -342,18 +333,10 @@ def generate_audio(
         waveform=wave,
         sample_rate=SAMPLE_RATE,
         seconds=seconds,
-        bucket=bucket,
+        bucket="",
         seed=slot.seed,
         timings={"setup": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2},
     )
-
-
-def _batch(entry: dict) -> int:
-    return entry["modules"]["unet"]["contract"]["batch"]
-
-
-def _group_key(entry: dict) -> tuple:
-    return (entry["bucket"]["frames"], entry["precision"])
 
 
 def _options(options: GenerateOptions | None, overrides: dict) -> GenerateOptions:
@@ -380,16 +363,16 @@ def _noise_schedule(manifest: dict) -> NoiseSchedule:
     try:
         return NoiseSchedule.from_config(config)
     except (TypeError, ValueError) as e:
-        raise mf.ManifestError(f"manifest.json: $.scheduler: {str(e)[:200]}; {mf.FIX}") from None
+        raise ManifestError(f"manifest.json: $.scheduler: {str(e)[:200]}; {FIX}") from None
 
 
-def _warn_on_version_drift(manifest: dict) -> None:
+def _warn_on_version_drift(manifest: Manifest) -> None:
     """ONNX graphs stay valid across these libraries' releases, so drift is a warning, not an error
     (TensorRT engines, which are tied to one version and GPU, are checked per engine)."""
-    now = mf.library_versions()
+    now = library_versions()
     drift = [
         f"{k} {v} -> {now.get(k)}"
-        for k, v in manifest.get("versions", {}).items()
+        for k, v in manifest.versions.items()
         if k in ("litefocus", "onnxruntime") and v != now.get(k)
     ]
     if drift:

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from litefocus.engine import manifest as mf
-from litefocus.engine.backends import load_session, run_session
-from litefocus.engine.contract import ConditioningContract
-from litefocus.engine.pinned import pin_files
+from litefocus.engine.backends import GraphOptions, load_session, run_session
+from litefocus.engine.entries import Manifest, TextRecord, load_manifest
+from litefocus.engine.manifest import FIX, MAX_FILE_BYTES
+from litefocus.engine.pinned import Pinned, pin_files
 from litefocus.runtime.inputs import check_prompt
-from litefocus.runtime.sampling import Conditioning
+from litefocus.runtime.options import Conditioning
 
 logger = logging.getLogger(__name__)
-FIX = mf.FIX
 
 
 class TextEncoder:
@@ -36,26 +35,15 @@ class TextEncoder:
     Guided: batch 2, [negative, prompt]; unguided: batch 1, the prompt row (the graph still runs on
     the pair). Open with ``TextEncoder.load(engine_dir)`` (manifest checked, files hashed).
 
-    ``tokenizer_json``: the two tokenizer files' bytes as hashed (read from the paths otherwise);
-    ``graph``: the graph file's bytes as hashed. A tokenizer file is untrusted: its size is capped, its
-    pieces (model, normalizer, pre-tokenizer, post-processor, decoder, regex patterns) must be among
-    those the exporter writes, and a tokenizer panic is one RuntimeError line."""
+    Built from the manifest's text ``record`` and its files as ``pinned`` (verified, the graph and
+    tokenizer files' bytes kept as hashed: those bytes are what is parsed). A tokenizer file is
+    untrusted: its size is capped, its pieces (model, normalizer, pre-tokenizer, post-processor,
+    decoder, regex patterns) must be among those the exporter writes, and a tokenizer panic is one
+    RuntimeError line."""
 
-    def __init__(
-        self,
-        onnx_path: Path,
-        data_path: Path,
-        tokenizer_path: Path,
-        tokenizer_2_path: Path,
-        contract: ConditioningContract,
-        tokenizers: dict,
-        device: str = "cpu",
-        *,
-        tokenizer_json: tuple[bytes, bytes] | None = None,
-        graph: bytes | None = None,
-    ):
-        self.contract = contract
-        clap, t5 = tokenizers["tokenizer"], tokenizers["tokenizer_2"]
+    def __init__(self, record: TextRecord, pinned: Pinned, device: str = "cpu"):
+        contract = self.contract = record.contract
+        clap, t5 = record.tokenizers["tokenizer"], record.tokenizers["tokenizer_2"]
         if clap["model_max_length"] != contract.clap_len:
             raise ValueError(
                 f"the CLAP tokenizer's limit is not the contract's clap_len {contract.clap_len}; {FIX}"
@@ -64,48 +52,37 @@ class TextEncoder:
         self._t5_pad = int(t5["pad_id"])
         # diffusers with tokenizer_2.model_max_length = min(limit, text_len), as the torch runtime set it
         self._t5_limit = min(int(t5["model_max_length"]), contract.text_len)
-        texts = tokenizer_json or tuple(_read_capped(p) for p in (tokenizer_path, tokenizer_2_path))
-        self._clap = _tokenizer(Path(tokenizer_path), texts[0])
-        self._t5 = _tokenizer(Path(tokenizer_2_path), texts[1])
+        self._clap = _tokenizer(pinned.path("tokenizer"), pinned.data("tokenizer"))
+        self._t5 = _tokenizer(pinned.path("tokenizer_2"), pinned.data("tokenizer_2"))
         for tok in (self._clap, self._t5):
             tok.no_padding()
             tok.no_truncation()
-        self._session = load_session(onnx_path, contract, device, data_path, graph=graph)
-        self._limits = _id_limits(graph if graph is not None else Path(onnx_path).read_bytes())
+        graph = pinned.data("onnx")
+        options = GraphOptions(device=device, data_path=pinned.path("data"), graph=graph)
+        self._session = load_session(pinned.path("onnx"), contract, options)
+        self._limits = _id_limits(graph)
         for name, tok in (("clap_input_ids", self._clap), ("t5_input_ids", self._t5)):
             size = _guard(lambda t=tok: t.get_vocab_size(with_added_tokens=True), "the tokenizer", ValueError)
             self._limits[name] = min(self._limits.get(name, size), size)
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, engine_dir: str | Path, manifest: dict | None = None, device: str = "cpu") -> TextEncoder:
+    def load(
+        cls, engine_dir: str | Path, manifest: Manifest | None = None, device: str = "cpu"
+    ) -> TextEncoder:
         """The engine directory's text engine: manifest (read when not given) checked, files hashed."""
         engine_dir = Path(engine_dir)
         if manifest is None:
-            manifest = mf.read_manifest(engine_dir)
-        text = manifest.get("text")
+            manifest = load_manifest(engine_dir)
+        text = manifest.text
         if text is None:
             raise ValueError(
-                f"{engine_dir} has no text-conditioning engine (model source {manifest['model']['source']}; "
+                f"{engine_dir} has no text-conditioning engine (model source {manifest.model['source']}; "
                 "exports with --random-weights or --no-text, or from a model without text encoders, have none); "
                 "use Runtime.generate_from_conditioning, or export from a real model (litefocus-export --model ...)"
             )
-        try:
-            contract = ConditioningContract.from_dict(text["contract"])
-        except ValueError as e:
-            raise ValueError(f"{engine_dir}: {e}; {FIX}") from None
-        with pin_files(engine_dir, text["files"], "the text engine") as pinned:
-            encoder = cls(
-                pinned.path("onnx"),
-                pinned.path("data"),
-                pinned.path("tokenizer"),
-                pinned.path("tokenizer_2"),
-                contract,
-                text["tokenizers"],
-                device=device,
-                tokenizer_json=(pinned.data("tokenizer"), pinned.data("tokenizer_2")),
-                graph=pinned.data("onnx"),
-            )
+        with pin_files(engine_dir, text.raw["files"], "the text engine") as pinned:
+            encoder = cls(text, pinned, device=device)
             try:
                 pinned.recheck()
             except BaseException:
@@ -202,7 +179,7 @@ class TextEncoder:
 
 
 # ---- an untrusted tokenizer.json -------------------------------------------------------------------
-MAX_TOKENIZER_BYTES = mf.MAX_FILE_BYTES["tokenizer"]
+MAX_TOKENIZER_BYTES = MAX_FILE_BYTES["tokenizer"]
 # What the exporter writes (transformers' fast RoBERTa / GPT-2 byte-level BPE and T5 Unigram tokenizers):
 # any other piece, or a regex pattern but these, is refused (a backtracking pattern stalls the text thread).
 ALLOWED_TYPES = {
@@ -235,16 +212,6 @@ def _printable(text: str) -> str:
     """``text`` for a log line: control characters (a newline forging a log line, a terminal escape)
     as escapes."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def _read_capped(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read(MAX_TOKENIZER_BYTES + 1)
-    if len(data) > MAX_TOKENIZER_BYTES:
-        raise ValueError(
-            f"{path.name} is larger than the {MAX_TOKENIZER_BYTES} bytes a tokenizer may have; {FIX}"
-        )
-    return data
 
 
 # A piece may not lengthen the text much: a chain of expanding Replace normalizers ("a" -> "aaaaaaaaaa",

@@ -28,11 +28,11 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 
-from litefocus.engine.contract import SAMPLE_RATE
+from litefocus.buckets import SAMPLE_RATE
 from litefocus.runtime import Runtime
 from litefocus.runtime.batching import capacity
 from litefocus.runtime.sampling import make_sampler
-from litefocus.serve.deployments import Decoder, Denoiser, StatsBoard, TextConditioner
+from litefocus.serve.deployments import Decoder, Denoiser, DenoiserSettings, StatsBoard, TextConditioner
 from litefocus.serve.http import (
     ApiError,
     BodyGate,
@@ -44,7 +44,7 @@ from litefocus.serve.http import (
     options_of,
     parse_request,
 )
-from litefocus.serve.jobs import JobManager, denoise_call, page_response  # jobs API + page (issue 31)
+from litefocus.serve.jobs import JobManager, denoise_call, page_response
 from litefocus.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ class Ingress:
         self.runtime = Runtime.load(self.settings.engines, backend=self.settings.backend)
         self.buckets = self.runtime.buckets()  # from the manifest: nothing opened here
         self.max_seconds = self.buckets[-1]["seconds"]
-        self.has_text = self.runtime.manifest.get("text") is not None
+        self.has_text = self.runtime.manifest.text is not None
         self.text, self.denoisers, self.decoder, self.board = text, denoisers, decoder, stats_board
         s = self.settings
-        self.gate = BodyGate(s.max_body_readers, s.body_timeout_s)  # slow bodies (issue 31, defect 1)
+        self.gate = BodyGate(s.max_body_readers, s.body_timeout_s)  # slow-body floods: bounded
         self.inflight = 0  # generate requests past their body (at most s.max_inflight)
         self._health: tuple[float, list[str]] | None = None
         self._probe: asyncio.Future | None = None
@@ -162,7 +162,7 @@ class Ingress:
             if status == 200:
                 self.m_latency.observe(time.perf_counter() - t0, tags={"bucket": bucket})
 
-    # ---- jobs and the page (litefocus.serve.jobs; issue 31, items 11 and 12) -----------------------
+    # ---- jobs and the page (litefocus.serve.jobs) ------------------------------------------------
     @api.post("/v1/jobs", status_code=202)
     async def create_job(self, request: Request):
         raw = await self.gate.read(request, self.settings.max_body_bytes)  # slow bodies: as /v1/generate
@@ -387,9 +387,8 @@ def build_app(args: dict):
                 **auto,
                 "target_ongoing_requests": max(1, b["batch_sizes"][-1] // 2),
             }
-        denoisers[b["name"]] = Denoiser.options(name=deployment_name(b["name"]), **opts).bind(
-            s.engines, b["name"], s.backend, s.device, s.batching, s.queue_size, board
-        )
+        settings = DenoiserSettings(s.engines, b["name"], s.backend, s.device, s.batching, s.queue_size)
+        denoisers[b["name"]] = Denoiser.options(name=deployment_name(b["name"]), **opts).bind(settings, board)
     # bodies being read + requests in flight + a reserve that /healthz and /v1/stats always find free
     # (past their caps, generate requests get 503 at once: they never queue in front of /healthz)
     ingress_opts = options(

@@ -1,6 +1,6 @@
 """The denoiser's step loop: a running batch that requests join and leave at step boundaries.
 
-Pure asyncio, no Ray: the Ray deployment (``app.Denoiser``) wraps one ``StepLoop`` per replica.
+Pure asyncio, no Ray: the Ray deployment (``deployments.Denoiser``) wraps one ``StepLoop`` per replica.
 
 * ``await loop.run(slot)`` admits a request (a ``litefocus.runtime.batching`` slot) into a bounded
   waiting queue (``QueueFull`` when it is full) and returns the slot once its last step ran.

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from ray import serve
 from ray.serve import metrics
@@ -141,26 +142,31 @@ def _live_replicas() -> set[str] | None:
     return {a["name"] for a in names if a["name"].startswith(REPLICA_PREFIX)}
 
 
+@dataclass(frozen=True)
+class DenoiserSettings:
+    """What one bucket's ``Denoiser`` replica runs: the engines, its bucket and how it batches.
+    One picklable value, so that ``build_app`` binds it (and Serve ships it to each replica) as a whole."""
+
+    engines: str  # the engine directory
+    bucket: str  # the bucket (engine entry) whose requests this deployment runs
+    backend: str = "auto"
+    device: str = "cpu"
+    batching: bool = True  # step-level batching (False: one request per UNet call)
+    queue_size: int = 64  # waiting requests per replica (then QueueFull: 503 + Retry-After)
+
+
 @serve.deployment(name="Denoiser")
 class Denoiser:
     """One bucket's running batch (see ``litefocus.serve.denoiser.StepLoop``)."""
 
-    def __init__(
-        self,
-        engines: str,
-        bucket: str,
-        backend: str = "auto",
-        device: str = "cpu",
-        batching: bool = True,
-        queue_size: int = 64,
-        stats_board=None,
-    ):
+    def __init__(self, settings: DenoiserSettings, stats_board=None):
+        bucket = settings.bucket
         self.bucket = bucket
-        self.runtime = Runtime.load(engines, backend=backend, device=device)
+        self.runtime = Runtime.load(settings.engines, backend=settings.backend, device=settings.device)
         self.group = self.runtime.batch_group(bucket, modules=("unet",))  # the decoder decodes
-        self.unet = BatchedUNet(self.group, batching=batching)
-        self.batching = batching
-        self.loop = StepLoop(self.unet, queue_size=queue_size, observer=self._observe)
+        self.unet = BatchedUNet(self.group, batching=settings.batching)
+        self.batching = settings.batching
+        self.loop = StepLoop(self.unet, queue_size=settings.queue_size, observer=self._observe)
         self.board = stats_board
         self.replica = _replica_id()
         self._reported = 0.0

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from litefocus.runtime.inputs import check_prompt
-from litefocus.runtime.sampling import Conditioning, GenerateOptions
+from litefocus.runtime.options import Conditioning, GenerateOptions
 
 logger = logging.getLogger(__name__)
 MAX_JSON_DEPTH = 16  # a request nests 5 deep (conditioning lists); deeper bodies are refused before parsing

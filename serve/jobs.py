@@ -1,4 +1,4 @@
-"""Jobs: the asynchronous shape of ``POST /v1/generate`` (issue 31, item 11), and the page (item 12).
+"""Jobs: the asynchronous shape of ``POST /v1/generate`` (submit, follow, fetch, cancel), and the page.
 
     POST   /v1/jobs              same body as /v1/generate -> 202 {"id", ...} (Location: /v1/jobs/<id>)
     GET    /v1/jobs/<id>         state (queued, running, decoding, done, failed, cancelled, lost),

@@ -1,4 +1,4 @@
-"""Helpers of tests/test_serve_cli.py and tests/test_two_node.py: tiny engines shared by both, the
+"""Helpers of tests/serve/test_serve_cli.py and test_two_node.py: tiny engines shared by both, the
 CLI as a subprocess, `ray start` nodes in their own process groups, and the TCP ports a process tree
 listens on (from /proc: no psutil)."""
 
@@ -25,7 +25,8 @@ CLIENT_TIMEOUT_S = 30  # every HTTP call here is bounded
 
 def tiny_engines(tmp_path_factory) -> Path:
     """One bucket (0.64 s, UNet batch 2) of random tiny weights, no text engine; exported once per run."""
-    from litefocus.export.pipeline import ExportOptions, export_engines
+    from litefocus.export.build import export_engines
+    from litefocus.export.plan import ExportOptions
 
     out = tmp_path_factory.getbasetemp() / "cluster-engines"
     if not (out / "manifest.json").is_file():

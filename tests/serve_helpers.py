@@ -1,4 +1,5 @@
-"""Helpers of tests/test_serve.py: a fake UNet for the step loop, a local Ray Serve app, HTTP calls."""
+"""Helpers of the tests in tests/serve/: a fake UNet for the step loop, a local Ray cluster with Serve,
+HTTP calls and the one-line JSON error check."""
 
 from __future__ import annotations
 

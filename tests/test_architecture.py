@@ -103,7 +103,7 @@ def test_imports_point_one_way():
             ("litefocus", "litefocus/x.py:1", "litefocus.engine.contract", ["X"], "engine"),
             "litefocus imports",
         ),
-        (("serve", "serve/x.py:1", "litefocus.export.pipeline", ["x"], "export"), "serve imports"),
+        (("serve", "serve/x.py:1", "litefocus.export.build", ["x"], "export"), "serve imports"),
         (("serve", "serve/x.py:1", "litefocus.installer", ["install"], "litefocus"), "serve imports"),
         (("runtime", "runtime/x.py:1", "litefocus.serve.app", ["build_app"], "serve"), "runtime imports"),
     ],
@@ -232,8 +232,8 @@ def raw_module_lookups(tree: ast.AST, where: str) -> list[str]:
         ):
             key = getattr(n.args[0], "value", None)
         if key == "modules":
-            found.append(f"{where}:{n.lineno}")
-    return found
+            found.append((n.lineno, f"{where}:{n.lineno}"))
+    return [text for _, text in sorted(found)]
 
 
 def test_only_engine_reads_the_raw_manifest_modules():

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     from litefocus.runtime import Runtime
-    from litefocus.runtime.sampling import Conditioning, UNetCall
+    from litefocus.runtime.options import Conditioning
+    from litefocus.runtime.sampling import UNetCall
 
     cuda = args.device.startswith("cuda")
     with Runtime.load(args.engines, device=args.device, cuda_graph=args.cuda_graph) as rt:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             "entry": name,
             "device": args.device,
             "cuda_graph": args.cuda_graph,
-            "gpu_ops": {m: rt.entries[name]["modules"][m].get("gpu_ops", []) for m in ("unet", "decode")},
+            "gpu_ops": {m: list(rt.entries[name].modules[m].gpu_ops) for m in ("unet", "decode")},
             "unet": profile(step, args.steps, cuda, args.top),
             "decode": profile(decode_once, 1, cuda, args.top),
         }

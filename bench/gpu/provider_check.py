@@ -40,28 +40,16 @@ def _run(path: Path, contract, providers: list, level: str | None, feeds: dict):
 def _graphs(engines: Path) -> list[tuple[str, Path, object]]:
     """(label, graph, contract) of the text engine and every fp32 entry's modules, the contracts
     rebuilt from the manifest as the runtime rebuilds them."""
-    from litefocus.engine import manifest as mf
-    from litefocus.engine.contract import ConditioningContract, LiteFocusConfig
-    from litefocus.runtime.engines import contracts
+    from litefocus.engine.entries import load_manifest
 
-    manifest = mf.read_manifest(engines)
-    config = manifest.get("litefocus")
-    config = None if config is None else LiteFocusConfig.from_dict(config)
+    manifest = load_manifest(engines)
     graphs = []
-    if manifest.get("text"):
-        text = manifest["text"]
-        graphs.append(
-            (
-                "text",
-                engines / text["files"]["onnx"]["path"],
-                ConditioningContract.from_dict(text["contract"]),
-            )
-        )
-    for name, entry in sorted(manifest["entries"].items()):
-        if entry["precision"] == "fp32":
-            for contract in contracts(entry, config):
-                path = engines / entry["modules"][contract.module]["files"]["onnx"]["path"]
-                graphs.append((f"{name}/{contract.module}", path, contract))
+    if manifest.text is not None:
+        graphs.append(("text", engines / manifest.text.files["onnx"].path, manifest.text.contract))
+    for name, entry in sorted(manifest.entries.items()):
+        if entry.precision == "fp32":
+            for module in entry.modules.values():
+                graphs.append((f"{name}/{module.name}", engines / module.files["onnx"].path, module.contract))
     return graphs
 
 

@@ -9,7 +9,7 @@
 #   A      PyTorch fp16: eager at 10-160 s, torch.compile + CUDA graphs at 80 s, <= 6 minutes
 #   A2     PyTorch fp16: torch.compile (default mode) at 80 s, <= 5 minutes
 #   B      the fp16 export of the 80 s bucket + ONNX Runtime CUDA EP rows, once every part is there
-#   C      issue 30: the GPU-form engine (CUDA graphs on/off) against litefocus-compile reduce-overhead,
+#   C      the GPU-form engine (CUDA graphs on/off) against litefocus-compile reduce-overhead,
 #          25-step generations at 80 and 160 s, and the form's pieces one by one (<= 9 minutes)
 #   check  step-level batching on the CUDA EP equals requests run alone (bench/gpu/batching_check.py;
 #          tiny model, about a minute), once every onnxruntime-gpu part is there

@@ -1,4 +1,4 @@
-"""litefocus.bench.ab: interleaved A/B of ONNX Runtime sessions (tiny graphs)."""
+"""litefocus.bench.probes.ab: interleaved A/B of ONNX Runtime sessions (tiny graphs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
-from litefocus.bench import ab
+from litefocus.bench.probes import ab
 
 N = 256  # big enough that a MatMul takes measurable microseconds
 
@@ -79,7 +79,7 @@ def test_ab_refuses_graphs_with_different_inputs(tmp_path, capsys):
 
 
 def test_ort_profile_counts_ops_flops_and_prefixes(tmp_path):
-    from litefocus.bench import ort_profile
+    from litefocus.bench.probes import ort_profile
 
     graph = _graph(tmp_path / "a.onnx")
     out = tmp_path / "results"
@@ -99,7 +99,7 @@ def test_ort_profile_counts_ops_flops_and_prefixes(tmp_path):
 
 
 def test_node_flops_from_recorded_shapes():
-    from litefocus.bench.ort_profile import node_flops
+    from litefocus.bench.probes.ort_profile import node_flops
 
     assert (
         node_flops("Conv", [[2, 8, 10, 4], [16, 8, 3, 3], [16]], [2, 16, 10, 4]) == 2 * (2 * 16 * 10 * 4) * 72
@@ -113,7 +113,7 @@ def test_node_flops_from_recorded_shapes():
 
 
 def test_a_graph_onnx_runtime_cannot_load_exits_2_in_one_line(tmp_path, capsys):
-    from litefocus.bench import ort_profile
+    from litefocus.bench.probes import ort_profile
 
     good, bad = _graph(tmp_path / "a.onnx"), tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")

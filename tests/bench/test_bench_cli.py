@@ -16,6 +16,7 @@ import torch
 
 from litefocus.bench import cli
 from litefocus.bench.measure import PeakMemory, matmul_ceiling_tflops, quantile, summarize_ms
+from litefocus.bench.record import ROW_FIELDS
 from litefocus.bench.report import (
     load_record,
     render_comparison,
@@ -24,7 +25,6 @@ from litefocus.bench.report import (
     render_report,
     speedups,
 )
-from litefocus.bench.run import ROW_FIELDS
 from litefocus.bench.stages import DECODE_FIELDS, measure_decode
 from litefocus.bench.targets import BACKENDS, unavailable_reason
 from litefocus.buckets import Bucket
@@ -336,7 +336,7 @@ def test_matmul_ceiling_is_measured():
 
 
 def test_bench_options_round_trip_through_json(tmp_path):
-    from litefocus.bench.run import BenchOptions
+    from litefocus.bench.options import BenchOptions
     from litefocus.config import LiteFocusConfig
 
     opts = BenchOptions(
@@ -357,7 +357,7 @@ def test_an_isolated_row_whose_process_dies_is_recorded_not_raised(tmp_path, mon
     import subprocess
 
     from litefocus.bench import isolated
-    from litefocus.bench.run import BenchOptions
+    from litefocus.bench.options import BenchOptions
     from litefocus.bench.targets import TargetSpec
     from litefocus.config import LiteFocusConfig
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from litefocus.bench import export_record as er
+from litefocus.bench.probes import export_record as er
 
 REPORT = """INFO validated decode.onnx/waveform
 \tCommand being timed: "{command}"

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from litefocus.bench import gpu_plan
-from litefocus.bench import run as bench_run
+from litefocus.bench import row as bench_run
 from litefocus.bench.cli import main as bench_main
+from litefocus.bench.options import BenchOptions
 from litefocus.bench.report import backend_label, render_comparison, render_markdown
-from litefocus.bench.run import BenchOptions, Stopped, run_benchmark
+from litefocus.bench.run import Stopped, run_benchmark
 from litefocus.export.validate import compare, within_tolerance
 
 REPO = Path(__file__).resolve().parents[2]
@@ -232,7 +233,7 @@ def test_io_binding_equals_the_plain_call_on_the_cpu_ep(tmp_path):
     torch.onnx.export(
         M().eval(), example, str(path), input_names=["x", "i"], output_names=["y"], dynamo=False
     )
-    backend = OnnxRuntimeBackend(path, Contract(), device="cpu")
+    backend = OnnxRuntimeBackend(path, Contract())
     rng = np.random.default_rng(3)
     binding = backend.bind()
     fixed_i = rng.integers(0, 9, 2).astype(np.int64)

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 
 from litefocus.engine.backends import OnnxRuntimeBackend, check_external_data
 from litefocus.engine.contract import TensorSpec
-from litefocus.export.pipeline import ExportOptions, export_engines
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
 from litefocus.runtime import Runtime
 from litefocus.runtime.text import TextEncoder
 

@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from litefocus.engine import manifest as mf
-from litefocus.export.pipeline import ExportOptions, _check_out, export_engines
+from litefocus.engine.writer import check_out
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
 from litefocus.runtime import Runtime
 
 ENTRY = "5p12s-fp32"
@@ -340,10 +342,10 @@ def test_a_new_out_with_only_a_lock_is_not_foreign(tmp_path):
     scratch = ".tmp-5p12s-fp32-" + "ab" * 8  # a concurrent export's folder, recorded in its lock
     (out / ".lock").write_text(scratch + "\n")  # what a concurrent export creates first
     (out / scratch).mkdir()
-    _check_out(out)  # no error: the other export's lock does not make the directory foreign
+    check_out(out)  # no error: the other export's lock does not make the directory foreign
     (out / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not an engine directory"):
-        _check_out(out)
+        check_out(out)
 
 
 def test_export_cli_refuses_a_negative_weights_seed(capsys, tmp_path):
@@ -407,17 +409,17 @@ def test_bench_refuses_a_bad_engines_path_before_writing(tmp_path, capsys):
 
 
 def test_local_model_identity_covers_only_what_the_engines_use(tmp_path):
-    from litefocus.export.pipeline import Components
+    from litefocus.export.source import ModelSource
 
     for sub in ("unet", "vae", "vocoder", "text_encoder"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "config.json").write_text(f'{{"name": "{sub}"}}')
     opts = ExportOptions(seconds=(5,), out=tmp_path / "e", model=str(tmp_path))
-    first = Components(opts).identity["weights_sha256"]
+    first = ModelSource(opts).identity["weights_sha256"]
     (tmp_path / "text_encoder" / "config.json").write_text('{"name": "changed"}')  # not hashed: not used
-    assert Components(opts).identity["weights_sha256"] == first
+    assert ModelSource(opts).identity["weights_sha256"] == first
     (tmp_path / "vae" / "config.json").write_text('{"name": "changed"}')  # hashed: the decode engine uses it
-    assert Components(opts).identity["weights_sha256"] != first
+    assert ModelSource(opts).identity["weights_sha256"] != first
 
 
 def test_validation_checks_output_names_and_shapes_first(tmp_path):

@@ -13,7 +13,9 @@ import torch
 
 from litefocus.engine import manifest as mf
 from litefocus.engine.contract import GPT2_TOKENS, ConditioningContract
-from litefocus.export.pipeline import Components, ExportOptions, export_engines
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
+from litefocus.export.source import ModelSource
 from litefocus.runtime.text import TextEncoder
 from tiny_models import GPT2_DIM, T5_DIM, T5_MAX_LENGTH, save_tiny_pipeline
 
@@ -182,7 +184,7 @@ def test_tampered_or_unlisted_text_folder(engines, pipe_dir, tmp_path):
 
 def test_random_weights_and_bad_records_have_no_text_engine(engines):
     opts = ExportOptions(seconds=(), out=engines, model=None, random_preset="tiny", quiet=True)
-    assert Components(opts).text_parts() is None
+    assert ModelSource(opts).text_parts() is None
     manifest = json.loads((engines / "manifest.json").read_text())
     manifest["text"]["files"]["onnx"]["path"] = "text/other.onnx"
     with pytest.raises(mf.ManifestError, match="must be text/conditioning.onnx"):

@@ -9,9 +9,10 @@ import onnx
 import pytest
 
 from litefocus.buckets import Bucket
+from litefocus.config import LiteFocusConfig
 from litefocus.engine import manifest as mf
 from litefocus.engine.backends import open_session
-from litefocus.export import cli, pipeline
+from litefocus.export import cli, stages
 from litefocus.export.audit import AttentionExpectation, AuditError, audit_graph
 
 SECONDS = ["0.3", "0.6"]  # buckets of 8 and 16 latent frames
@@ -103,7 +104,7 @@ def test_failure_mid_export_leaves_no_entry(model_dir, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(pipeline, "validate", broken)
+    monkeypatch.setattr(stages, "validate", broken)
     out = tmp_path / "engines"
     assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 1
     assert mf.read_manifest(out)["entries"] == {}
@@ -112,7 +113,7 @@ def test_failure_mid_export_leaves_no_entry(model_dir, tmp_path, monkeypatch):
 
 
 def test_failure_in_a_later_bucket_keeps_the_earlier_one(model_dir, tmp_path, monkeypatch):
-    real = pipeline.validate
+    real = stages.validate
     calls = []
 
     def fails_on_second_bucket(graph, module, contract, **kw):
@@ -121,7 +122,7 @@ def test_failure_in_a_later_bucket_keeps_the_earlier_one(model_dir, tmp_path, mo
             raise RuntimeError("injected failure")
         return real(graph, module, contract, **kw)
 
-    monkeypatch.setattr(pipeline, "validate", fails_on_second_bucket)
+    monkeypatch.setattr(stages, "validate", fails_on_second_bucket)
     out = tmp_path / "engines"
     assert cli.main(["--seconds", *SECONDS, "--model", str(model_dir), "--out", str(out), *FAST]) == 1
     manifest = mf.read_manifest(out)
@@ -174,7 +175,17 @@ def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
     base = tmp_path / "base"
     assert (
         cli.main(
-            ["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", "--conv", "direct"]
+            [
+                "--seconds",
+                "0.3",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(base),
+                "--no-litefocus",
+                "--conv",
+                "direct",
+            ]
             + FAST
         )
         == 0
@@ -183,9 +194,7 @@ def test_fixed_mode_and_no_litefocus_export(model_dir, tmp_path):
     assert entry["modules"]["unet"]["conv"] == "direct"  # --conv direct: one Conv node per convolution
     assert entry["modules"]["unet"]["audit"]["direct_3x3_convs"] > 0
     assert mf.read_manifest(base)["litefocus"] is None
-    assert (
-        entry["modules"]["unet"]["audit"]["attention_shapes"]["32x32"] == 20
-    )  # full attention at F = 8
+    assert entry["modules"]["unet"]["audit"]["attention_shapes"]["32x32"] == 20  # full attention at F = 8
 
 
 def test_fp16_export_validates(model_dir, tmp_path):
@@ -285,7 +294,7 @@ def test_audit_rejects_full_attention_at_the_litefocus_level(model_dir, tmp_path
         cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(base), "--no-litefocus", *FAST])
         == 0
     )
-    expect = pipeline.attention_expectations(Bucket.for_seconds(0.3), pipeline.LiteFocusConfig(), [8] * 20)
+    expect = stages.attention_expectations(Bucket.for_seconds(0.3), LiteFocusConfig(), [8] * 20)
     with pytest.raises(AuditError, match="full-length 32x32 attention"):
         audit_graph(base / "0p32s-fp32" / "unet.onnx", expect)
 

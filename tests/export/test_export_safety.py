@@ -16,7 +16,8 @@ import pytest
 
 from litefocus.engine import manifest as mf
 from litefocus.export import cli
-from litefocus.export.pipeline import ExportOptions, export_engines
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
 
 
 def _opts(out, **kw) -> ExportOptions:
@@ -127,25 +128,25 @@ def test_a_look_alike_leftover_that_is_a_link_stays_foreign(tmp_path):
 
 
 def test_scratch_folders_are_recorded_and_cleaned_without_following_links(tmp_path):
-    from litefocus.export import outdir
+    from litefocus.engine import writer
 
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "data.bin").write_bytes(b"precious")
     out = tmp_path / "engines"
     export_engines(_opts(out))
-    with outdir.locked(out) as lock:  # a run killed after making two scratch folders
+    with writer.locked(out) as lock:  # a run killed after making two scratch folders
         kept = lock.make_dir("0p32s-fp32")
         (kept / "unet.onnx").write_bytes(b"half")
         (kept / "link").symlink_to(outside)
         swapped = lock.make_dir("text")
-    assert kept.name in outdir.recorded_names(out) and len(kept.name.rsplit("-", 1)[1]) == 16
+    assert kept.name in writer.recorded_names(out) and len(kept.name.rsplit("-", 1)[1]) == 16
     swapped.rmdir()
     swapped.symlink_to(outside)  # a recorded name that is now a link: left alone
     export_engines(_opts(out))
     assert not kept.exists() and swapped.is_symlink()
     assert (outside / "data.bin").read_bytes() == b"precious"
-    assert outdir.recorded_names(out) == []
+    assert writer.recorded_names(out) == []
 
 
 def test_an_unlisted_folder_with_an_entry_name_is_never_replaced(tmp_path, capsys):
@@ -201,13 +202,13 @@ def test_a_language_model_with_few_positions_is_refused_in_one_line(tmp_path, ca
 
 
 def test_a_directory_swapped_or_a_manifest_linked_during_the_export_is_refused(tmp_path):
-    from litefocus.export import outdir
+    from litefocus.engine import writer
 
     out = tmp_path / "engines"
     manifest, _ = export_engines(_opts(out))
     victim = tmp_path / "victim.json"
     victim.write_text("mine")
-    with outdir.locked(out) as lock:
+    with writer.locked(out) as lock:
         (out / mf.MANIFEST).unlink()
         (out / mf.MANIFEST).symlink_to(victim)  # engine/fileio would replace the link's target
         with pytest.raises(RuntimeError, match="was replaced during the export"):
@@ -223,7 +224,7 @@ def test_a_directory_swapped_or_a_manifest_linked_during_the_export_is_refused(t
 
 INTERRUPT = """
 import os, signal, sys, time
-from litefocus.export import cli, pipeline
+from litefocus.export import cli, stages
 
 def interrupted(*args, **kwargs):
     if sys.argv[1] == "INT":
@@ -231,7 +232,7 @@ def interrupted(*args, **kwargs):
     os.kill(os.getpid(), getattr(signal, "SIG" + sys.argv[1]))
     time.sleep(60)
 
-pipeline._module_stages = interrupted
+stages.export_module = interrupted
 sys.exit(cli.main(["--seconds", "0.3", "--random-weights", "--preset", "tiny", "--out", sys.argv[2], "-q"]))
 """
 

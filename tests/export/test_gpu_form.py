@@ -68,13 +68,13 @@ def _unet(precision: str = "fp32"):
 
 def _litefocus_levels(contract):
     """The audit's expectation at the LiteFocus level: 20 attentions of [T, T + S], no [N, N]."""
-    from litefocus.export.pipeline import attention_expectations
+    from litefocus.export.stages import attention_expectations
 
     return attention_expectations(contract.bucket, contract.litefocus, [8] * 20)
 
 
 def _export(module, contract, path, ops):
-    """As the exporter traces a module (pipeline._module_stages): the GPU form first."""
+    """As the exporter traces a module (stages.export_module): the GPU form first."""
     with (
         gf.gpu_form(module, ops=ops),
         fused_attention(module),

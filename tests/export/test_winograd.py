@@ -154,7 +154,7 @@ def test_constant_folding_is_off_only_where_it_would_store_every_transformed_wei
 def test_the_benchmark_measures_each_conv_shape_of_a_graph(tmp_path):
     import json
 
-    from litefocus.bench import winograd as bench
+    from litefocus.bench.probes import winograd as bench
 
     model, _, _ = _conv_model((1, 32, 9, 8), 32)
     model.graph.node.insert(

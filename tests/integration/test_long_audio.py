@@ -7,11 +7,11 @@ import onnx
 import pytest
 import torch
 
-from litefocus.attention import litefocus_attention, packed_sdpa, reference_litefocus_attention
-from litefocus.bench import export_record
+from litefocus.attention import FocusSpec, litefocus_attention, packed_sdpa, reference_litefocus_attention
+from litefocus.bench.probes import export_record
 from litefocus.engine import manifest as mf
 from litefocus.engine.chunking import decode_chunked, fade_weights, window_starts
-from litefocus.export import cli, memory, pipeline
+from litefocus.export import cli, memory, plan, source
 from litefocus.export.fused import multi_head_attention
 
 FAST = ["--text-len", "8", "-q"]
@@ -43,13 +43,15 @@ def test_packed_form_matches_the_float64_reference(kind, same_frequency):
         pytest.skip("nothing to attend to")
     q, k, v = _qkv(seed=3)
     idx = _indices(kind, 2, q.shape[2], 5)
-    ref = reference_litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency)
-    grid = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency)
-    packed = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency, attend=packed_sdpa)
+    ref = reference_litefocus_attention(q, k, v, FocusSpec(4, same_frequency=same_frequency), idx)
+    grid = litefocus_attention(q, k, v, FocusSpec(4, same_frequency=same_frequency), idx)
+    spec = FocusSpec(4, same_frequency=same_frequency, attend=packed_sdpa)
+    packed = litefocus_attention(q, k, v, spec, idx)
     assert (packed - ref).abs().max() < 1e-5
     assert (grid - ref).abs().max() < 1e-5
     # a wrong fold (heads taken in the other order) would not match: the test can fail
-    wrong = litefocus_attention(q, k, v, 4, idx, same_frequency=same_frequency, attend=_swapped_heads)
+    spec = FocusSpec(4, same_frequency=same_frequency, attend=_swapped_heads)
+    wrong = litefocus_attention(q, k, v, spec, idx)
     assert (wrong - ref).abs().max() > 1e-3
 
 
@@ -65,12 +67,12 @@ def _swapped_heads(q, k, v, heads, scale):
 
 class _FusedLiteFocus(torch.nn.Module):
     def forward(self, q, k, v, idx):
-        return litefocus_attention(q, k, v, 4, idx, attend=multi_head_attention)
+        return litefocus_attention(q, k, v, FocusSpec(4, attend=multi_head_attention), idx)
 
 
 class _FusedSameFrequencyOnly(torch.nn.Module):
     def forward(self, q, k, v):
-        return litefocus_attention(q, k, v, 4, None, attend=multi_head_attention)
+        return litefocus_attention(q, k, v, FocusSpec(4, attend=multi_head_attention), None)
 
 
 class _FusedDense(torch.nn.Module):
@@ -122,7 +124,7 @@ def test_fused_same_frequency_only_form_matches_the_float64_reference(tmp_path):
     q, k, v = _qkv(seed=7)
     node, sess = _fused_session(_FusedSameFrequencyOnly(), (q, k, v), ["q", "k", "v"], tmp_path)
     got = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})[0]
-    ref = reference_litefocus_attention(q, k, v, 4, None).numpy()
+    ref = reference_litefocus_attention(q, k, v, FocusSpec(4), None).numpy()
     assert np.abs(got - ref).max() < 1e-5
 
 
@@ -134,7 +136,7 @@ def test_fused_op_in_onnx_runtime_matches_the_float64_reference(kind, tmp_path):
     assert {a.name: a.i for a in node.attribute}["num_heads"] == 2 * 4  # H * F heads
     feeds = {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "idx": idx.numpy()}
     got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
-    ref = reference_litefocus_attention(q, k, v, 4, idx).numpy()
+    ref = reference_litefocus_attention(q, k, v, FocusSpec(4), idx).numpy()
     assert np.abs(got - ref).max() < 1e-5
 
 
@@ -158,7 +160,9 @@ def test_chunked_decode_of_a_local_decoder_is_exact():
     got = decode_chunked(local, latent, 8, 3, 4)
     assert np.allclose(got, local(latent), atol=1e-5)
     # and a decoder that is not local differs: the test can fail
-    assert not np.allclose(decode_chunked(lambda x: local(x) * x.shape[2], latent, 8, 3, 4), local(latent) * 23)
+    assert not np.allclose(
+        decode_chunked(lambda x: local(x) * x.shape[2], latent, 8, 3, 4), local(latent) * 23
+    )
 
 
 def test_chunked_decode_engine_is_within_its_recorded_bound(model_dir, tmp_path):
@@ -228,10 +232,10 @@ def test_plain_form_keeps_softmaxes_and_fused_form_has_none(model_dir, tmp_path)
 
 
 def test_attention_form_resolution():
-    assert pipeline.resolve_attention("auto", "onnx") == "fused"
-    assert pipeline.resolve_attention("auto", "tensorrt") == "plain"
+    assert plan.resolve_attention("auto", "onnx") == "fused"
+    assert plan.resolve_attention("auto", "tensorrt") == "plain"
     with pytest.raises(ValueError, match="--attention plain"):
-        pipeline.resolve_attention("fused", "tensorrt")
+        plan.resolve_attention("fused", "tensorrt")
 
 
 def test_memory_check_names_the_need_and_the_option_that_fits(monkeypatch):
@@ -251,14 +255,19 @@ def test_memory_check_names_the_need_and_the_option_that_fits(monkeypatch):
     assert "\n" not in msg
     # nothing fits: the message names the machine it needs instead of a window
     monkeypatch.setattr(memory, "available_gib", lambda: 1.0)
-    with pytest.raises(ValueError, match=r"needs about .* GiB.*1.0 GiB available: export on a machine with at least"):
+    with pytest.raises(
+        ValueError, match=r"needs about .* GiB.*1.0 GiB available: export on a machine with at least"
+    ):
         memory.check_export_memory((320.0,), "fp32", None)
     # a tiny model needs next to nothing
     memory.check_export_memory((320.0,), "fp32", None, parameters=1000)
 
 
 def test_bad_decode_window_exits_2(capsys, tmp_path):
-    assert cli.main(["--seconds", "1", "--decode-window", "0", "--random-weights", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(["--seconds", "1", "--decode-window", "0", "--random-weights", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "--decode-window 0" in capsys.readouterr().err
 
 
@@ -273,7 +282,7 @@ def test_an_export_that_would_not_fit_exits_2_before_exporting(model_dir, tmp_pa
     assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 0
     # cached entries are not checked (nor the model loaded for it): a rerun passes however tight memory is
     monkeypatch.setattr(memory, "available_gib", lambda: 1e-6)
-    monkeypatch.setattr(pipeline.Components, "models", lambda self: pytest.fail("loaded the model"))
+    monkeypatch.setattr(source.ModelSource, "models", lambda self: pytest.fail("loaded the model"))
     assert cli.main(["--seconds", "0.3", "--model", str(model_dir), "--out", str(out), *FAST]) == 0
 
 

@@ -100,7 +100,9 @@ def test_processor_matches_reference_at_module_level(tiny_unet):
         got = attn(x)
         heads = attn.heads
         q, k, v = (p(x).view(2, N8, heads, -1).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
-        ref = litefocus.reference_litefocus_attention(q, k, v, 8, idx[layer], scale=attn.scale)
+        ref = litefocus.reference_litefocus_attention(
+            q, k, v, litefocus.FocusSpec(8, scale=attn.scale), idx[layer]
+        )
         want = attn.to_out[0](ref.transpose(1, 2).reshape(2, N8, -1))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -154,8 +154,8 @@ def test_a_long_lived_batch_never_reuses_a_finished_requests_conditioning(rt):
             calls.append(inputs["encoder_hidden_states"].copy())
             return np.zeros(unet_c.shapes()["noise_pred"], np.float32)
 
-    from litefocus.runtime.engines import OpenEntry
-    from litefocus.runtime.sampling import Conditioning
+    from litefocus.runtime.loader import OpenEntry
+    from litefocus.runtime.options import Conditioning
 
     unet = BatchedUNet({2: OpenEntry(Recorder(), None, unet_c, None)})
     rng = np.random.default_rng()
@@ -175,7 +175,7 @@ def test_a_long_lived_batch_never_reuses_a_finished_requests_conditioning(rt):
 
 
 def test_conditioning_is_checked_against_the_engine(rt):
-    from litefocus.runtime.sampling import Conditioning
+    from litefocus.runtime.options import Conditioning
 
     c = BatchedUNet(rt.batch_group(rt.bucket_for(SECONDS), modules=("unet",))).contract
     good = rt.text_encoder()("a dog barks", None, guided=True)

@@ -16,12 +16,13 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
+from generate_helpers import cli_args
 
 from litefocus.engine.fileio import atomic_path
 from litefocus.export import cli as export_cli
 from litefocus.runtime import Runtime
 from litefocus.runtime import cli as generate_cli
-from litefocus.runtime.sampling import Conditioning, GenerateOptions
+from litefocus.runtime.options import Conditioning, GenerateOptions
 from tiny_models import T5_MAX_LENGTH, save_tiny_pipeline
 
 FAST = {"steps": 2, "progress": False}
@@ -53,21 +54,6 @@ def rng(request):
 
 def lone_surrogate(rng) -> str:
     return chr(int(rng.integers(0xD800, 0xE000)))
-
-
-def cli_args(engines, out, *extra, prompt="a dog barks", steps=2):
-    return [
-        prompt,
-        "--seconds",
-        "0.5",
-        "--engines",
-        str(engines),
-        "-o",
-        str(out),
-        "--steps",
-        str(steps),
-        *extra,
-    ]
 
 
 def one_line(err: str) -> str:
@@ -126,7 +112,7 @@ def test_undecodable_argv_is_refused_by_the_cli(engines, tmp_path):
 
 # ---- numbers (defect 5) -----------------------------------------------------------------------------
 def test_guidance_is_bounded(rng):
-    from litefocus.runtime.sampling import MAX_GUIDANCE
+    from litefocus.runtime.options import MAX_GUIDANCE
 
     GenerateOptions(guidance_scale=MAX_GUIDANCE)
     for g in (MAX_GUIDANCE * (1 + rng.random()) + 1e-9, 1e308, float(10 ** int(rng.integers(3, 308)))):
@@ -138,7 +124,7 @@ def test_guidance_is_bounded(rng):
 
 
 def test_conditioning_values_are_bounded(rng):
-    from litefocus.runtime.sampling import MAX_CONDITIONING
+    from litefocus.runtime.options import MAX_CONDITIONING
 
     gpt2 = rng.standard_normal((2, 8, 16)).astype(np.float32)
     t5 = rng.standard_normal((2, 4, 16)).astype(np.float32)

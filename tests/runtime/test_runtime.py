@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from generate_helpers import cli_args
 
 from litefocus.export import cli as export_cli
 from litefocus.runtime import Runtime
@@ -108,11 +109,11 @@ def torch_reference(pipe_dir, engines, name):
     """The PyTorch reference of an entry (LiteFocus processors + UNetExportModule, DecodeModule),
     as the runtime's backends: the twin of the exported graphs."""
     import litefocus
-    from litefocus.engine.backends import TorchBackend
     from litefocus.export.decode import DecodeModule
     from litefocus.export.onnx_export import UNetExportModule
+    from litefocus.export.torch_backend import TorchBackend
     from litefocus.models import load_components
-    from litefocus.runtime.runtime import OpenEntry
+    from litefocus.runtime.loader import OpenEntry
 
     with Runtime.load(engines) as rt:
         _, _, unet_c, decode_c = rt.open_entry(name)
@@ -144,7 +145,8 @@ def test_onnxruntime_matches_torch_with_litefocus(pipe_dir, engines_on, runtime_
 def test_io_binding_loop_equals_the_plain_calls(runtime_on):
     """The runtime's IO-binding path (what a GPU runs) against plain session.run calls, bit for bit."""
     from litefocus.runtime import GenerateOptions
-    from litefocus.runtime.runtime import OpenEntry, generate_audio
+    from litefocus.runtime.loader import OpenEntry
+    from litefocus.runtime.runtime import generate_audio
 
     name = runtime_on.bucket_for(SECONDS)
     unet, decode, unet_c, decode_c = runtime_on.open_entry(name)
@@ -308,20 +310,7 @@ def test_random_weight_engines_have_no_text_encoders(engines_on, tmp_path):
 
 
 def run_cli(engines, out, *extra):
-    args = [
-        PROMPT,
-        "--seconds",
-        "0.5",
-        "--engines",
-        str(engines),
-        "-o",
-        str(out),
-        "--steps",
-        "2",
-        "-q",
-        *extra,
-    ]
-    return generate_cli.main(args)
+    return generate_cli.main(cli_args(engines, out, "-q", *extra, prompt=PROMPT))
 
 
 def test_generate_cli_writes_a_wav(engines_on, tmp_path, capsys):
@@ -355,16 +344,16 @@ def test_tensorrt_backend_without_tensorrt(engines_on, monkeypatch, capsys, tmp_
 def test_auto_backend_uses_onnxruntime_without_tensorrt_engines(engines_on):
     with Runtime.load(engines_on) as rt:
         name = rt.bucket_for(SECONDS)
-        from litefocus.runtime.engines import resolve_backend
+        from litefocus.runtime.loader import choose_run_backend
 
-        assert resolve_backend(rt.backend, name, rt.entries[name], rt.device) == "onnxruntime"
+        assert choose_run_backend(rt.backend, rt.entries[name], rt.device) == "onnxruntime"
 
 
 def test_open_entry_by_name(runtime_on):
     name = next(iter(runtime_on.entries))
     unet, decode, unet_c, decode_c = runtime_on.open_entry(name)
     assert unet.name == "onnxruntime" and unet.session.get_providers()[0] == "CPUExecutionProvider"
-    assert unet_c.bucket.frames == runtime_on.entries[name]["bucket"]["frames"] == decode_c.bucket.frames
+    assert unet_c.bucket.frames == runtime_on.entries[name].bucket.frames == decode_c.bucket.frames
     assert runtime_on.open_entry(name)[0] is unet  # opened once
     with pytest.raises(ValueError, match=r"no entry '99s-fp16'; it has"):
         runtime_on.open_entry("99s-fp16")
@@ -406,7 +395,9 @@ def test_validation_runs_onnx_runtime_on_the_exports_device(monkeypatch, device,
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(validate_mod, "open_session", fake_open)
-    contract = type("C", (), {"precision": "fp32", "module": "unet", "sample_inputs": lambda self, seed: {}})()
+    contract = type(
+        "C", (), {"precision": "fp32", "module": "unet", "sample_inputs": lambda self, seed: {}}
+    )()
     with pytest.raises(RuntimeError, match="stop here"):
         validate_mod.validate("g.onnx", torch.nn.Identity(), contract, device=device, ort_device=ort_device)
     want = [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), "CPUExecutionProvider"]

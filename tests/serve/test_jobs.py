@@ -1,5 +1,5 @@
 """litefocus.serve.jobs and the step loop's progress, without Ray (pure asyncio, fake work and UNet).
-The jobs API over HTTP, on a local cluster, is in tests/test_page.py (with the page)."""
+The jobs API over HTTP, on a local cluster, is in tests/serve/test_page.py (with the page)."""
 
 from __future__ import annotations
 

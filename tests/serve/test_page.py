@@ -25,12 +25,10 @@ from serve_helpers import (
     Client,
     assert_json_error,
     denoiser_actor_names,
-    free_port,
-    start_cluster,
-    stop_cluster,
 )
 
-from litefocus.export.pipeline import ExportOptions, export_engines
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
 from tiny_models import T5_MAX_LENGTH, save_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,21 +51,6 @@ def engines(tmp_path_factory):
     )
     export_engines(options)
     return out
-
-
-@pytest.fixture(scope="module")
-def server(engines):
-    from ray import serve
-
-    from litefocus.serve.app import build_app
-
-    port = free_port()
-    start_cluster(port)
-    try:
-        serve.run(build_app({"engines": str(engines), **SERVER}), name="litefocus", route_prefix="/")
-        yield Client(f"http://127.0.0.1:{port}")
-    finally:
-        stop_cluster()
 
 
 def submit(server: Client, body: dict) -> str:

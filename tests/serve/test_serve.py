@@ -18,18 +18,15 @@ import requests
 import soundfile as sf
 import yaml
 from serve_helpers import (
-    Client,
     FakeSlot,
     assert_json_error,
     denoiser_actor_names,
-    free_port,
     new_loop,
-    start_cluster,
-    stop_cluster,
 )
 
 from litefocus.bench.soak import SlowBodyFlood
-from litefocus.export.pipeline import ExportOptions, export_engines
+from litefocus.export.build import export_engines
+from litefocus.export.plan import ExportOptions
 from litefocus.runtime import GenerateOptions, Runtime
 from litefocus.serve import cli as serve_cli
 from litefocus.serve.denoiser import QueueFull
@@ -208,21 +205,6 @@ def test_write_config_round_trips_through_build_app(engines, tmp_path):
     }
     assert ServeSettings.from_args(settings.to_args()) == settings
     assert isinstance(build_app(app["args"]), Application)
-
-
-@pytest.fixture(scope="module")
-def server(engines):
-    from ray import serve
-
-    from litefocus.serve.app import build_app
-
-    port = free_port()
-    start_cluster(port)
-    try:
-        serve.run(build_app({"engines": str(engines), **SERVER}), name="litefocus", route_prefix="/")
-        yield Client(f"http://127.0.0.1:{port}")
-    finally:
-        stop_cluster()
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +421,7 @@ def _conditioning(value: float = 0.0, mask: int = 1) -> dict:
 
 
 def _hostile_bodies() -> list:
-    """Bodies that gave plain-text 500s, a JSON TypeError or NaN audio (issue 31, defect 5); fresh
+    """Bodies that gave plain-text 500s, a JSON TypeError or NaN audio (now 400/422 in one line); fresh
     sizes each run: nesting past the depth limit, integers past Python's 4300 digits, ..."""
     depth, digits = random.randint(20, 100_000), random.randint(4301, 20_000)  # under 1 MiB
     big = random.randint(2**31, 2**62)
@@ -552,7 +534,7 @@ def test_a_killed_denoiser_fails_its_request_cleanly_and_serving_goes_on(server)
     assert r.status_code == 200, r.text
     assert health[-1][0] == 200, health[-1]
     assert any(code == 503 and "denoiser 1p28s-fp32" in b["error"] for code, b in health), health
-    # /v1/stats: the one live replica, the dead one's counters kept (issue 31, defect 9)
+    # /v1/stats: the one live replica, the dead one's counters kept
     stats = server.wait_for(
         lambda s: s["replicas"] == 1 and s["completed"] > before["completed"], what="1 replica"
     )

@@ -1,6 +1,6 @@
-"""litefocus.serve against hostile clients, without Ray (issue 31: defects 1, 5, 8b and 9): the JSON
-parser's bounds, the slow-body gate, the error handlers, the stats ledger and the new settings. The
-same cases over HTTP on a local cluster are in tests/test_serve.py."""
+"""litefocus.serve against hostile clients, without Ray: the JSON parser's bounds, the slow-body gate,
+the error handlers, the stats ledger and the ingress limits among the settings. The same cases over
+HTTP on a local cluster are in tests/serve/test_serve.py."""
 
 from __future__ import annotations
 

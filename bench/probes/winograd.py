@@ -1,6 +1,6 @@
 """Each 3x3 convolution shape of a UNet graph, direct against Winograd, alone in ONNX Runtime's CPU EP.
 
-    python -m litefocus.bench.winograd ENGINES/80s-fp32/unet.onnx     # a graph exported --conv direct
+    python -m litefocus.bench.probes.winograd ENGINES/80s-fp32/unet.onnx     # a graph exported --conv direct
 
 For every distinct (input shape, output channels) of the graph's plain 3x3 convolutions: a one-conv
 graph with random weights, as exported (one Conv node) and as ``export/winograd.py`` rewrites it
@@ -31,7 +31,7 @@ from litefocus.export.winograd import rewrite_convs, tile_for
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results"
 
 
 def conv_shapes(path: Path) -> Counter:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     total = {k: sum(r[k] * r["convs"] for r in rows) for k in ("direct_ms", "winograd_ms")}
     logger.info("all %d convs: direct %.0f ms, winograd %.0f ms", sum(shapes.values()), *total.values())
     record = {
-        **cpu_ort_record("winograd", "litefocus.bench.winograd", argv),
+        **cpu_ort_record("winograd", "litefocus.bench.probes.winograd", argv),
         "graph": str(args.graph),
         "warmup": args.warmup,
         "repeats": args.repeats,

@@ -1,4 +1,10 @@
-"""The engine directory's own bookkeeping: which ``--out`` is acceptable, its lock, and scratch folders.
+"""The engine directory's write rules, next to its read rules (``manifest.py``).
+
+Only the exporter writes an engine directory, and only through this module: which ``--out`` is
+acceptable, one export at a time (``.lock``), scratch folders, install by rename, and the one
+function that writes ``manifest.json`` (``EngineDirLock.write_manifest``, under the held lock). The
+manifest document itself is built here as data (``new_manifest``, ``with_entry``, ``with_text``, ...):
+every change to it is a new document handed to that writer.
 
 litefocus deletes only what it created and recorded. Every temporary folder gets an unguessable
 name (``.tmp-<label>-<16 hex digits>``), written into the record *before* the folder is made; the
@@ -30,14 +36,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from litefocus.engine import manifest as mf
+from litefocus.engine.fileio import atomic_path
+from litefocus.engine.manifest import (
+    KIND,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    SCHEMA_VERSION,
+    file_sha256,
+    library_versions,
+)
 
 logger = logging.getLogger(__name__)
 
 LOCK = ".lock"
 MAX_RECORD_BYTES = 1 << 16  # a record holds a few dozen names at most
 SCRATCH = re.compile(r"\.tmp-[A-Za-z0-9._-]{1,64}-[0-9a-f]{16}")
-ATOMIC_LEFTOVER = re.compile(r"\." + re.escape(mf.MANIFEST) + r"\.[A-Za-z0-9_]{1,32}\.tmp")
+ATOMIC_LEFTOVER = re.compile(r"\." + re.escape(MANIFEST) + r"\.[A-Za-z0-9_]{1,32}\.tmp")
 
 
 def _regular_file(st: os.stat_result) -> bool:
@@ -120,17 +134,17 @@ def check_out(out: Path) -> None:
         raise ValueError(f"--out {out} exists and is not a directory; pass a new or engine directory")
     if not out.is_dir():
         return
-    manifest = out / mf.MANIFEST
+    manifest = out / MANIFEST
     if manifest.exists() or manifest.is_symlink():
         if manifest.is_symlink() or not manifest.is_file():
-            raise ValueError(f"--out {out}: {mf.MANIFEST} is not a regular file; pass a new directory")
+            raise ValueError(f"--out {out}: {MANIFEST} is not a regular file; pass a new directory")
         try:
-            kind = json.loads(manifest.read_bytes()[: mf.MAX_MANIFEST_BYTES]).get("kind")
+            kind = json.loads(manifest.read_bytes()[:MAX_MANIFEST_BYTES]).get("kind")
         except (ValueError, AttributeError, RecursionError):
             kind = None
-        if kind != mf.KIND:
+        if kind != KIND:
             raise ValueError(
-                f"--out {out} holds a {mf.MANIFEST} that is not a litefocus engine manifest; litefocus leaves "
+                f"--out {out} holds a {MANIFEST} that is not a litefocus engine manifest; litefocus leaves "
                 "it alone (with --force too): pass a new directory"
             )
         recorded_names(out)  # refuses a lock that is not a regular file
@@ -201,14 +215,14 @@ class EngineDirLock:
             raise RuntimeError(f"--out {self.out} was replaced during the export; run the export again")
 
     def write_manifest(self, manifest: dict) -> None:
-        """Atomically, and only to a manifest.json that is not (now) a link out of the directory."""
+        """THE writer of manifest.json: atomically, under the held lock, and only to a manifest.json
+        that is not (now) a link out of the directory."""
         self.check_same_dir()
-        path = self.out / mf.MANIFEST
+        path = self.out / MANIFEST
         if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise RuntimeError(
-                f"--out {self.out}: {mf.MANIFEST} was replaced during the export; run it again"
-            )
-        mf.write_manifest(self.out, manifest)
+            raise RuntimeError(f"--out {self.out}: {MANIFEST} was replaced during the export; run it again")
+        with atomic_path(path) as tmp:  # a reader sees the old manifest or the new one, never half
+            tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
     def names(self) -> list[str]:
         return _parse_record(os.pread(self._fd, MAX_RECORD_BYTES, 0))
@@ -268,6 +282,18 @@ class EngineDirLock:
             if _atomic_leftover(path):
                 path.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def building(self, name: str, listed: bool) -> Iterator[Path]:
+        """A scratch folder to build ``name`` in: installed (see install) when the block finishes,
+        deleted when it raises (an interrupted or failed build leaves nothing half-written)."""
+        tmp = self.make_dir(name)
+        try:
+            yield tmp
+            self.install(tmp, name, listed)
+        except BaseException:
+            self.discard(tmp)
+            raise
+
     def install(self, tmp: Path, name: str, listed: bool) -> None:
         """Swap the finished scratch folder ``tmp`` into place as ``name`` (replacing the older build the
         manifest lists); an unlisted ``name``, a link or a file there is refused, never replaced."""
@@ -302,3 +328,54 @@ def locked(out: Path) -> Iterator[EngineDirLock]:
         yield EngineDirLock(out, fd)
     finally:
         os.close(fd)  # releases the lock
+
+
+# ---- the manifest as data: each change is a new document, handed to EngineDirLock.write_manifest ----
+def new_manifest(model: dict, litefocus_config: dict | None) -> dict:
+    """An engine directory's manifest without entries: the model's identity and the LiteFocus config."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "versions": library_versions(),
+        "model": model,
+        "litefocus": litefocus_config,
+        "entries": {},
+    }
+
+
+def file_record(path: Path, entry: str) -> dict:
+    """{"path" (``<entry>/<file name>``, relative to the engine dir), "sha256", "bytes"} of one artifact.
+
+    Artifacts are written in a temporary folder that is renamed to ``entry``: the record names the
+    final place."""
+    return {"path": f"{entry}/{path.name}", "sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
+def with_scheduler(manifest: dict, scheduler: dict) -> dict:
+    """The manifest with the model's scheduler config (the runtime's samplers read it there)."""
+    return {**manifest, "scheduler": scheduler}
+
+
+def with_entry(manifest: dict, name: str, entry: dict) -> dict:
+    """The manifest listing ``entry`` as ``name`` (replacing an older build of it in place)."""
+    return {**manifest, "entries": {**manifest["entries"], name: entry}, "versions": library_versions()}
+
+
+def with_text(manifest: dict, record: dict) -> dict:
+    """The manifest listing the text-conditioning engine ``record``."""
+    return {**manifest, "text": record, "versions": library_versions()}
+
+
+def without_engines(manifest: dict) -> dict:
+    """The manifest listing no entry and no text engine (written before their folders are deleted)."""
+    return {**{k: v for k, v in manifest.items() if k != "text"}, "entries": {}}
+
+
+def module_record(entry: dict, module: str) -> dict:
+    """One module's record (``unet`` or ``decode``) of a raw entry document."""
+    return entry["modules"][module]
+
+
+def entry_bytes(entry: dict) -> int:
+    """The size of every file a raw entry document lists."""
+    return sum(f["bytes"] for m in entry["modules"].values() for f in m["files"].values())

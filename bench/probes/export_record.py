@@ -3,7 +3,7 @@ engine directory's manifest, with the wall time and peak resident set that ``/us
 printed for the export (the "Export" rows of bench/README.md, "Long audio").
 
     /usr/bin/time -v litefocus-export --seconds 320 --random-weights --out DIR > export.log 2>&1
-    python -m litefocus.bench.export_record DIR 320s-fp32 export.log --commit f928a8b
+    python -m litefocus.bench.probes.export_record DIR 320s-fp32 export.log --commit f928a8b
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from litefocus.bench.measure import cpu_ort_record, write_json
-from litefocus.engine.manifest import ManifestError, read_manifest
+from litefocus.engine.entries import Entry, load_manifest
+from litefocus.engine.manifest import ManifestError
 
 logger = logging.getLogger(__name__)
 DEFAULT_OUT = Path("bench/results")
@@ -55,28 +56,28 @@ def wall_seconds(wall: str) -> float:
     return seconds
 
 
-def export_record(manifest: dict, entry_name: str, time_v: dict) -> dict:
-    """What the export of ``entry_name`` measured: GNU time's numbers, then per module its graph form,
-    validation, tolerance and seconds (and the decode's chunking error when it is windowed)."""
-    entry = manifest["entries"][entry_name]
-    modules = {k: v for k, v in entry["modules"].items() if k in ("unet", "decode")}
-    ended = dt.datetime.strptime(entry["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+def export_record(entry: Entry, time_v: dict) -> dict:
+    """What the export of ``entry`` measured: GNU time's numbers, then per module its graph
+    form, validation, tolerance and seconds (and the decode's chunking error when it is windowed)."""
+    raw = entry.raw
+    modules = {k: m.raw for k, m in entry.modules.items()}
+    ended = dt.datetime.strptime(raw["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
     started = ended - dt.timedelta(seconds=wall_seconds(time_v["wall"]))
     record = {
-        "entry": entry_name,
+        "entry": entry.name,
         "export_command": time_v["command"],
         "started": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "ended": entry["created"],
+        "ended": raw["created"],
         "exit_status": time_v["exit_status"],
         "wall": time_v["wall"],
         "max_rss_kib": time_v["max_rss_kib"],
         "max_rss_gib": round(time_v["max_rss_kib"] / 2**20, 2),
-        "versions": entry["versions"],
+        "versions": raw["versions"],
         "attention": {k: m.get("attention") for k, m in modules.items()},
         "conv": {k: m.get("conv") for k, m in modules.items()},
         "validation": {k: m["validation"]["outputs"] for k, m in modules.items()},
         "tolerance": {k: m["validation"]["tolerance"] for k, m in modules.items()},
-        "build_seconds": entry["build_seconds"],
+        "build_seconds": raw["build_seconds"],
         "export_seconds": {k: m["export_seconds"] for k, m in modules.items()},
         "validation_seconds": {k: m["validation"]["seconds"] for k, m in modules.items()},
     }
@@ -99,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        manifest = read_manifest(args.engine_dir)
+        manifest = load_manifest(args.engine_dir)
     except ManifestError as e:
         p.error(str(e))
-    if args.entry not in manifest["entries"]:
+    if args.entry not in manifest.entries:
         p.error(
-            f"entry {args.entry!r} is not in {args.engine_dir}; it has {', '.join(sorted(manifest['entries']))}"
+            f"entry {args.entry!r} is not in {args.engine_dir}; it has {', '.join(sorted(manifest.entries))}"
         )
     if not args.time_log.is_file() or args.time_log.stat().st_size > MAX_LOG_BYTES:
         p.error(f"{args.time_log} is not a log file (at most {MAX_LOG_BYTES} bytes); pass the export's log")
@@ -113,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(f"{args.time_log}: {e}")
     record = {
-        **cpu_ort_record("export-memory", "litefocus.bench.export_record", argv),
+        **cpu_ort_record("export-memory", "litefocus.bench.probes.export_record", argv),
         "commit": args.commit,
         "note": args.note,
-        **export_record(manifest, args.entry, time_v),
+        **export_record(manifest.entries[args.entry], time_v),
     }
     stamp = record["started"].replace("-", "").replace(":", "")
     write_json(args.out, f"export-cpu-{stamp}-{args.entry}.json", record)

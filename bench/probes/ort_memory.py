@@ -1,8 +1,8 @@
 """Resident memory of one ONNX Runtime CPU session, by session option: the probe behind the arena and
 decode-memory tables of bench/README.md ("Long audio").
 
-    python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/unet.onnx noarena
-    python -m litefocus.bench.ort_memory ENGINE_DIR/80s-fp32/decode.onnx decode-one-noarena
+    python -m litefocus.bench.probes.ort_memory ENGINE_DIR/80s-fp32/unet.onnx noarena
+    python -m litefocus.bench.probes.ort_memory ENGINE_DIR/80s-fp32/decode.onnx decode-one-noarena
 
 MODE is a label whose words switch options: noarena (enable_cpu_mem_arena off), noreuse
 (enable_mem_reuse off: no buffer-reuse plan), samearena (the CPU arena as a process-wide
@@ -97,5 +97,5 @@ def probe(path: str, mode: str) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m litefocus.bench.ort_memory GRAPH.onnx MODE")
+        raise SystemExit("usage: python -m litefocus.bench.probes.ort_memory GRAPH.onnx MODE")
     print(probe(sys.argv[1], sys.argv[2]), flush=True)

@@ -1,6 +1,6 @@
 """How ONNX Runtime runs attention, per graph form, at the real shapes of the exported graphs.
 
-    python -m litefocus.bench.attention_forms --seconds 10 80
+    python -m litefocus.bench.probes.attention_forms --seconds 10 80
 
 One single-op graph per (form, site), run on the CPU EP in its own process (so each peak resident
 set is its own), timed with warm-up, repeats and medians, and checked against PyTorch's SDPA:
@@ -22,6 +22,7 @@ import resource
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from litefocus.config import LiteFocusConfig
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results"
 FORMS = ("plain", "fused", "attn23")
 
 
@@ -84,13 +85,28 @@ def _graph(form: str, B: int, M: int, Lq: int, Lk: int, D: int):
     return model, shapes
 
 
-def run_one(form: str, B: int, M: int, Lq: int, Lk: int, D: int, warmup: int, repeats: int) -> dict:
+@dataclass(frozen=True)
+class FormCase:
+    """One (graph form, attention shape) to time: batch B, heads M, query and key lengths, head dim D."""
+
+    form: str
+    B: int
+    M: int
+    Lq: int
+    Lk: int
+    D: int
+    warmup: int
+    repeats: int
+
+
+def run_one(case: FormCase) -> dict:
     """Time and peak-memory of one (form, shape) in this process; error against PyTorch's SDPA."""
     import time
 
     import onnxruntime as ort
     import torch
 
+    form, B, M, Lq, Lk, D = case.form, case.B, case.M, case.Lq, case.Lk, case.D
     model, shapes = _graph(form, B, M, Lq, Lk, D)
     rng = np.random.default_rng(0)
     feeds = {n: rng.standard_normal(shapes[n], dtype=np.float32) for n in "qkv"}
@@ -98,10 +114,10 @@ def run_one(form: str, B: int, M: int, Lq: int, Lk: int, D: int, warmup: int, re
     so.intra_op_num_threads = os.cpu_count() or 1
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(warmup):
+    for _ in range(case.warmup):
         sess.run(None, feeds)
     times = []
-    for _ in range(repeats):
+    for _ in range(case.repeats):
         t0 = time.perf_counter()
         out = sess.run(None, feeds)[0]
         times.append((time.perf_counter() - t0) * 1e3)
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         case = json.loads(args.one)
-        print(json.dumps(run_one(**case)))
+        print(json.dumps(run_one(FormCase(**case))))
         return 0
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
@@ -146,7 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             shape = {k: site[k] for k in ("B", "M", "Lq", "Lk", "D")}
             for form in args.forms:
                 case = {"form": form, **shape, "warmup": args.warmup, "repeats": args.repeats}
-                cmd = [sys.executable, "-m", "litefocus.bench.attention_forms", "--one", json.dumps(case)]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "litefocus.bench.probes.attention_forms",
+                    "--one",
+                    json.dumps(case),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     tail = (done.stderr.strip().splitlines() or ["killed"])[-1][:300]
@@ -163,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{row['peak_delta_mb']:.0f}" if "peak_delta_mb" in row else "-",
                 )
     record = {
-        **cpu_ort_record("attention-forms", "litefocus.bench.attention_forms", argv),
+        **cpu_ort_record("attention-forms", "litefocus.bench.probes.attention_forms", argv),
         "rows": rows,
     }
     write_json(args.out, f"attention-forms-cpu-{record['created']}.json", record)

@@ -1,7 +1,7 @@
 """Interleaved A/B of ONNX Runtime CPU sessions in one process: graph against graph, or one graph
 under two session setups, on a machine whose speed drifts.
 
-    python -m litefocus.bench.ab before=OLD/80s-fp32/unet.onnx@defaults \\
+    python -m litefocus.bench.probes.ab before=OLD/80s-fp32/unet.onnx@defaults \\
         after=NEW/80s-fp32/unet.onnx@unet --rounds 8
 
 This 2-core VM's throughput drifts by several percent from one minute to the next (one session, one
@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 
 from litefocus.bench.measure import cpu_ort_record, write_json
-from litefocus.bench.ort_memory import random_feeds
+from litefocus.bench.probes.ort_memory import random_feeds
 from litefocus.engine.manifest import file_sha256
 
 logger = logging.getLogger(__name__)
 
 SETUPS = ("unet", "decode", "defaults")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results"
 
 
 def parse_setup(arg: str) -> tuple[str, Path, str]:
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ab(setups, args.rounds, args.warmup)
     except ValueError as e:  # a graph that does not load, or graphs that take different inputs
         p.error(str(e))
-    record = {**cpu_ort_record("ab", "litefocus.bench.ab", argv), **result}
+    record = {**cpu_ort_record("ab", "litefocus.bench.probes.ab", argv), **result}
     for row in record["rows"]:
         logger.info(
             "%-10s median %.2f s  paired diff vs %s %+.2f s",

@@ -1,9 +1,9 @@
 """Where one ONNX Runtime CPU call spends its time, by operator type, from ONNX Runtime's profiler.
 
-    python -m litefocus.bench.ort_profile ENGINES/80s-fp32/unet.onnx --setup unet \\
+    python -m litefocus.bench.probes.ort_profile ENGINES/80s-fp32/unet.onnx --setup unet \\
         --prefix /unet/down_blocks.0/ /unet/down_blocks.1/resnets.0/
 
-One session (``--setup`` as in ``litefocus.bench.ab``), random inputs (indices zero, masks one),
+One session (``--setup`` as in ``litefocus.bench.probes.ab``), random inputs (indices zero, masks one),
 ``--warmup`` untimed calls, then one profiled call. Per operator type: nodes, kernel seconds, and
 for the ops that carry the FLOPs (Conv, Gemm, MatMul, FusedMatMul, MultiHeadAttention) GFLOP and
 GFLOP/s from the shapes the profiler records; the same per (operator, input shapes), the slowest
@@ -22,13 +22,13 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from litefocus.bench.ab import SETUPS, open_setup
 from litefocus.bench.measure import cpu_ort_record, write_json
-from litefocus.bench.ort_memory import random_feeds
+from litefocus.bench.probes.ab import SETUPS, open_setup
+from litefocus.bench.probes.ort_memory import random_feeds
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results"
 
 
 def node_flops(op: str, inputs: list[list[int]], output: list[int]) -> int:
@@ -103,7 +103,9 @@ def profile(path: Path, setup: str, warmup: int, prefixes: tuple[str, ...], keep
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("graph", type=Path, help="an .onnx graph (its external data beside it)")
-    p.add_argument("--setup", choices=SETUPS, default="unet", help="session options (see litefocus.bench.ab)")
+    p.add_argument(
+        "--setup", choices=SETUPS, default="unet", help="session options (see litefocus.bench.probes.ab)"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the profiled one")
     p.add_argument("--prefix", nargs="*", default=[], help="node-name prefixes to total separately")
     p.add_argument("--shapes", type=int, default=40, help="how many (operator, input shapes) groups to keep")
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {row['gflop']:8.1f} GFLOP {row['gflop_per_s']:6.1f} GFLOP/s" if "gflop" in row else "",
         )
     record = {
-        **cpu_ort_record("ort-profile", "litefocus.bench.ort_profile", argv),
+        **cpu_ort_record("ort-profile", "litefocus.bench.probes.ort_profile", argv),
         "graph": str(args.graph),
         "setup": args.setup,
         **result,
