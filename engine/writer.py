@@ -331,6 +331,12 @@ def locked(out: Path) -> Iterator[EngineDirLock]:
 
 
 # ---- the manifest as data: each change is a new document, handed to EngineDirLock.write_manifest ----
+# How schema version 2 spells a build backend in an entry's "backend": ONNX Runtime is "onnx" there,
+# so that runtimes which read version 2 keep reading what this exporter writes (the schema also
+# accepts "onnxruntime", for a later version to write).
+MANIFEST_BACKEND = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
+
+
 def new_manifest(model: dict, litefocus_config: dict | None) -> dict:
     """An engine directory's manifest without entries: the model's identity and the LiteFocus config."""
     return {

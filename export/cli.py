@@ -44,6 +44,11 @@ def _raise_terminated(signum, frame) -> None:
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 
 
+def _backend_name(raw: str) -> str:
+    """--backend as typed; "onnx", the name earlier versions used for ONNX Runtime, still works."""
+    return "onnxruntime" if raw == "onnx" else raw
+
+
 def build_parser() -> argparse.ArgumentParser:
     from litefocus.export.gpu_form import add_gpu_ops_argument
 
@@ -79,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("engines"), help="engine directory (default: ./engines)")
     p.add_argument(
         "--backend",
+        type=_backend_name,
         choices=BUILD_BACKENDS,
         default="auto",
         help="auto: TensorRT where it is installed and a GPU exists, else ONNX Runtime",

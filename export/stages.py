@@ -21,7 +21,7 @@ from litefocus.buckets import Bucket
 from litefocus.config import LiteFocusConfig
 from litefocus.engine.contract import DecodeContract, UNetContract
 from litefocus.engine.manifest import artifact_path, library_versions
-from litefocus.engine.writer import EngineDirLock, file_record
+from litefocus.engine.writer import MANIFEST_BACKEND, EngineDirLock, file_record
 from litefocus.export.audit import AttentionExpectation, audit_graph
 from litefocus.export.fused import fused_attention
 from litefocus.export.geglu import split_geglu
@@ -189,7 +189,7 @@ def build_entry(job: EntryJob, progress: Progress) -> dict:
             "bucket": bucket.to_dict(plan.litefocus),
             "precision": plan.precision,
             "opset": OPSET,
-            "backend": plan.backend,
+            "backend": MANIFEST_BACKEND[plan.backend],
             "modules": {"unet": unet_rec, "decode": decode_rec},
             "build_seconds": time.perf_counter() - t0,
             "versions": library_versions(),

@@ -6,7 +6,7 @@ which the VAE downsamples 4x in time and in frequency into a latent [8, T, 16]; 
 level 1 (8 frequency bins) sees 125 x 8 = 1000 tokens. diffusers' ``AudioLDM2Pipeline`` sizes its
 latent the same way from ``audio_length_in_s`` (it truncates a fraction of a 10 ms frame; this rounds
 up, so the latent covers the whole request). The table of lengths the method is measured at (10 s to
-160 s) is pinned in ``tests/litefocus/test_geometry.py``.
+160 s) is pinned in ``tests/method/test_geometry.py``.
 """
 
 from __future__ import annotations

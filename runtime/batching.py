@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from litefocus.engine.contract import GPT2_TOKENS
+from litefocus.engine.manifest import entry_name
 from litefocus.runtime.noise_schedule import NoiseSchedule
 from litefocus.runtime.options import Conditioning, GenerateOptions
 from litefocus.runtime.sampling import (
@@ -71,6 +72,11 @@ class Slot:
         self.step += 1
 
 
+def _entry_of(contract) -> str:
+    """The name of the entry a UNet contract belongs to (``10s-fp32``, ``10s-fp32-b4``)."""
+    return entry_name(contract.bucket, contract.precision, contract.batch)
+
+
 def new_slot(
     cond: Conditioning, options: GenerateOptions, contract, schedule: NoiseSchedule, bucket: str = ""
 ) -> Slot:
@@ -102,7 +108,7 @@ def new_slot(
         latents = initial_latents(shape, rng, sampler)
     elif options.latents.shape != shape:
         raise ValueError(
-            f"latents have shape {list(options.latents.shape)}; bucket {bucket or contract.bucket.name} "
+            f"latents have shape {list(options.latents.shape)}; bucket {bucket or _entry_of(contract)} "
             f"takes {list(shape)}"
         )
     else:

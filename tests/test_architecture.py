@@ -316,3 +316,17 @@ def test_docstrings_say_what_not_which_issue():
                 if re.search(r"\bissues? ?#?\d", doc, re.IGNORECASE):
                     cited.append(f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 1)}")
     assert cited == []
+
+
+def test_no_test_folder_shadows_an_importable_package():
+    """``pytest`` puts tests/ on sys.path (pythonpath), so a folder there named like an importable
+    package (say tests/litefocus/) is found as a namespace package in its place: the method's tests
+    live in tests/method/."""
+    import importlib.machinery
+    import sys
+
+    ours = {REPO, REPO / "tests"}
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() not in ours]
+    for folder in sorted(p for p in (REPO / "tests").iterdir() if p.is_dir() and p.name.isidentifier()):
+        found = importlib.machinery.PathFinder.find_spec(folder.name, elsewhere)
+        assert folder.name != "litefocus" and found is None, f"tests/{folder.name}/ shadows a package"

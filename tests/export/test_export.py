@@ -53,6 +53,19 @@ def test_two_buckets_export_with_a_manifest_that_verifies(exported, model_dir):
         assert entry["modules"]["decode"]["conv"] == "direct"
 
 
+def test_entries_record_the_backend_as_schema_version_2_spells_it(exported):
+    # "onnx": what runtimes reading version 2 accept; the code's own name is "onnxruntime"
+    entries = mf.read_manifest(exported)["entries"].values()
+    assert [e["backend"] for e in entries] == ["onnx"] * len(entries)
+
+
+@pytest.mark.parametrize(
+    "typed, want", [("onnx", "onnxruntime"), ("onnxruntime", "onnxruntime"), ("auto", "auto")]
+)
+def test_backend_onnx_is_still_accepted_on_the_command_line(typed, want):
+    assert cli.build_parser().parse_args(["--seconds", "1", "--backend", typed]).backend == want
+
+
 def test_feed_forwards_export_as_two_projections_without_copies(exported, model_dir):
     from litefocus.models import load_components
 

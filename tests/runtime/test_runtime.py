@@ -268,6 +268,12 @@ def test_bad_generate_arguments(runtime_on, kwargs, match):
         runtime_on.generate(args.pop("prompt"), args.pop("seconds"), progress=False, **args)
 
 
+def test_a_latents_error_names_the_entry(runtime_on):
+    name = runtime_on.bucket_for(SECONDS)
+    with pytest.raises(ValueError, match=rf"latents have shape \[1, 8, 24, 16\]; bucket {name} takes"):
+        runtime_on.generate(PROMPT, SECONDS, progress=False, latents=np.zeros((1, 8, 24, 16), np.float32))
+
+
 def test_bad_engine_directories(engines_on, tmp_path):
     with pytest.raises(ValueError, match="unknown backend 'tensorflow'"):
         Runtime.load(engines_on, backend="tensorflow")
